@@ -1,0 +1,340 @@
+"""Single-axis tilt geometry and the Joseph-type tilt projector with its exact, fast adjoint.
+
+Conventions: volumes are (z, y, x) with z the beam direction at 0 deg and y the tilt axis; a tilt
+series is (n_tilts, y, x). 2D images are (z, x) and sinograms (n_tilts, x). Coordinates are centred:
+voxel index i sits at i - (n - 1) / 2. A voxel at (z, x) lands on the detector at
+t* = x cos(theta) + z sin(theta), the detector having as many pixels as the volume has along x.
+
+The forward projection follows each ray through the volume one slice at a time, stepping along z
+when |cos| >= |sin| and along x otherwise, and interpolates linearly inside the slice (Joseph 1982).
+Its exact transpose has a closed form: a voxel spreads onto the detector with the hat function
+hat((t - t*) / w) / w, w = max(|cos|, |sin|); it is written as its own gather, because the transpose
+JAX would derive from the forward gather is a scatter-add that is 10-60x slower on CPU.
+
+Both directions are JAX primitives tied to each other by transpose rules, so `jax.grad`, `jax.vjp`,
+`jax.jvp`, `jax.linear_transpose`, `jit` and `vmap` all use the fast gathers and agree.
+The tilt axis (y) is placed last in memory inside the kernels so each step gathers contiguous rows,
+and y is processed in chunks so the accumulators stay in cache and 512^3 volumes fit in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from ._base import AbstractLinearOperator
+
+# Accumulator budget per y-chunk (elements). Measured: larger chunks spill out of cache on CPU.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+class TiltGeometry(eqx.Module):
+    """Where the tilt series was measured: a single tilt axis along y.
+
+    Args:
+        angles_deg: tilt angles in degrees, any order (dose-symmetric schemes keep their
+            acquisition order; the tilt series' first axis follows this order), any spacing,
+            asymmetric ranges allowed. Each must be finite and inside the open interval (-90, 90).
+
+    In-plane rotation of the tilt axis and per-tilt shifts are not modelled yet; they belong here
+    as further fields when they are.
+    """
+
+    angles_deg: tuple[float, ...] = eqx.field(static=True, converter=lambda a: tuple(
+        float(v) for v in np.atleast_1d(np.asarray(a, dtype=np.float64))))
+
+    def __check_init__(self):
+        a = np.asarray(self.angles_deg)
+        if a.size == 0:
+            raise ValueError("TiltGeometry needs at least one tilt angle")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("tilt angles must be finite numbers (degrees)")
+        if np.any(np.abs(a) >= 90.0):
+            bad = a[np.abs(a) >= 90.0]
+            raise ValueError(
+                f"tilt angles must lie strictly between -90 and 90 degrees; got {bad.tolist()}"
+            )
+
+    @property
+    def n_tilts(self) -> int:
+        return len(self.angles_deg)
+
+    @property
+    def angles_rad(self) -> np.ndarray:
+        return np.deg2rad(np.asarray(self.angles_deg))
+
+    @classmethod
+    def from_range(cls, tilt_min_deg: float, tilt_max_deg: float, step_deg: float) -> TiltGeometry:
+        """Evenly spaced angles from `tilt_min_deg` to `tilt_max_deg` inclusive."""
+        if step_deg <= 0:
+            raise ValueError(f"tilt step must be positive, got {step_deg}")
+        if tilt_max_deg < tilt_min_deg:
+            raise ValueError(f"tilt range is empty: min {tilt_min_deg} > max {tilt_max_deg}")
+        n = int(math.floor((tilt_max_deg - tilt_min_deg) / step_deg + 1e-9)) + 1
+        return cls(tilt_min_deg + step_deg * np.arange(n))
+
+
+def _y_chunk(n_tilts: int, n_det: int, ny: int) -> int:
+    return int(max(1, min(ny, _CHUNK_ELEMENTS // max(1, n_tilts * n_det))))
+
+
+def _to_chunks(a: jax.Array, cy: int) -> tuple[jax.Array, int]:
+    """(n0, y, n2) -> (n_chunks, n0, n2, cy), padding y with zeros to a multiple of cy."""
+    n0, ny, n2 = a.shape
+    nc = -(-ny // cy)
+    if nc * cy != ny:
+        a = jnp.pad(a, ((0, 0), (0, nc * cy - ny), (0, 0)))
+    return jnp.transpose(a.reshape(n0, nc, cy, n2), (1, 0, 3, 2)), ny
+
+
+def _from_chunks(c: jax.Array, ny: int) -> jax.Array:
+    """(n_chunks, n0, n2, cy) -> (n0, y, n2)."""
+    nc, n0, n2, cy = c.shape
+    return jnp.transpose(c, (1, 0, 3, 2)).reshape(n0, nc * cy, n2)[:, :ny]
+
+
+def _branches(angles_deg: tuple[float, ...]):
+    """Split the angles into rays stepping along z (|cos| >= |sin|) and along x."""
+    th = np.deg2rad(np.asarray(angles_deg))
+    c, s = np.cos(th), np.sin(th)
+    along_z = np.abs(c) >= np.abs(s)
+    iz, ix = np.nonzero(along_z)[0], np.nonzero(~along_z)[0]
+    # Rays stepping along x see the volume with z and x swapped: t = z*sin + x*cos.
+    return (iz, c[iz], s[iz]), (ix, s[ix], c[ix])
+
+
+def _forward_branch(vol, p, q, n_det):
+    """Joseph forward over angles whose rays step along axis 0 of vol (na, nb, cy).
+
+    Detector position t = b * p + a * q (centred), so the ray for detector pixel t meets slice a at
+    b = (t - a * q) / p; linear interpolation there, times the step length 1 / |p|.
+    """
+    na, nb, _ = vol.shape
+    dt = vol.dtype
+    ca, cb, ct = (na - 1) / 2, (nb - 1) / 2, (n_det - 1) / 2
+    # Zero rows (one before, two after) make out-of-volume reads free once positions are clipped.
+    volp = jnp.pad(vol, ((0, 0), (1, 2), (0, 0)))
+    t = np.arange(n_det) - ct
+    base = jnp.asarray(t[None, :] / p[:, None] + cb + 1.0, dt)
+    slope = jnp.asarray(-q / p, dt)[:, None]
+
+    def step(acc, a_idx):
+        pos = jnp.clip(base + (a_idx.astype(dt) - ca) * slope, 0.0, nb + 1.0)
+        i0f = jnp.floor(pos)
+        frac = (pos - i0f)[..., None]
+        i0 = i0f.astype(jnp.int32)
+        slab = volp[a_idx]
+        g0 = slab[i0]
+        g1 = slab[i0 + 1]
+        return acc + g0 + frac * (g1 - g0), None
+
+    acc0 = jnp.zeros((len(p), n_det, vol.shape[2]), dt)
+    acc, _ = lax.scan(step, acc0, jnp.arange(na))
+    return acc * jnp.asarray(1.0 / np.abs(p), dt)[:, None, None]
+
+
+def _adjoint_branch(sino, p, q, na, nb):
+    """Exact transpose of `_forward_branch`: sino (k, n_det, cy) -> volume (na, nb, cy)."""
+    k, n_det, _ = sino.shape
+    dt = sino.dtype
+    ca, cb, ct = (na - 1) / 2, (nb - 1) / 2, (n_det - 1) / 2
+    sp = jnp.pad(sino, ((0, 0), (1, 2), (0, 0)))
+    b = np.arange(nb) - cb
+    base = jnp.asarray(b[None, :] * p[:, None] + ct + 1.0, dt)
+    slope = jnp.asarray(q, dt)[:, None]
+    inv_w = jnp.asarray(1.0 / np.abs(p), dt)[:, None]
+    kidx = jnp.arange(k)[:, None]
+
+    def step(_, a_idx):
+        pos = jnp.clip(base + (a_idx.astype(dt) - ca) * slope, 0.0, n_det + 1.0)
+        i0f = jnp.floor(pos)
+        d = pos - i0f
+        w0 = jnp.maximum(0.0, 1.0 - d * inv_w) * inv_w
+        w1 = jnp.maximum(0.0, 1.0 - (1.0 - d) * inv_w) * inv_w
+        i0 = i0f.astype(jnp.int32)
+        g0 = sp[kidx, i0]
+        g1 = sp[kidx, i0 + 1]
+        return None, jnp.einsum("kb,kby->by", w0, g0) + jnp.einsum("kb,kby->by", w1, g1)
+
+    _, out = lax.scan(step, None, jnp.arange(na))
+    return out
+
+
+def _forward_chunk(vol_zxy, angles_deg):
+    (iz, pz, qz), (ix, px, qx) = _branches(angles_deg)
+    n_det = vol_zxy.shape[1]
+    parts, order = [], []
+    if len(iz):
+        parts.append(_forward_branch(vol_zxy, pz, qz, n_det))
+        order.append(iz)
+    if len(ix):
+        parts.append(_forward_branch(jnp.transpose(vol_zxy, (1, 0, 2)), px, qx, n_det))
+        order.append(ix)
+    if len(parts) == 1:
+        return parts[0]
+    inv = np.argsort(np.concatenate(order))
+    return jnp.concatenate(parts)[inv]
+
+
+def _adjoint_chunk(sino_kty, angles_deg, nz, nx):
+    (iz, pz, qz), (ix, px, qx) = _branches(angles_deg)
+    out = jnp.zeros((nz, nx, sino_kty.shape[2]), sino_kty.dtype)
+    if len(iz):
+        out = out + _adjoint_branch(sino_kty[iz], pz, qz, nz, nx)
+    if len(ix):
+        out = out + jnp.transpose(_adjoint_branch(sino_kty[ix], px, qx, nx, nz), (1, 0, 2))
+    return out
+
+
+def _project_impl(vol, *, angles_deg):
+    nz, ny, nx = vol.shape
+    cy = _y_chunk(len(angles_deg), nx, ny)
+    chunks, ny = _to_chunks(vol, cy)  # (nc, z, x, cy)
+    out = lax.map(functools.partial(_forward_chunk, angles_deg=angles_deg), chunks)
+    return _from_chunks(out, ny)
+
+
+def _backproject_impl(sino, *, angles_deg, nz):
+    k, ny, nx = sino.shape
+    cy = _y_chunk(k, nx, ny)
+    chunks, ny = _to_chunks(sino, cy)  # (nc, k, t, cy)
+    out = lax.map(functools.partial(_adjoint_chunk, angles_deg=angles_deg, nz=nz, nx=nx), chunks)
+    return _from_chunks(out, ny)
+
+
+project_p = Primitive("cryojax_mw_tilt_project")
+backproject_p = Primitive("cryojax_mw_tilt_backproject")
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(impl, params):
+    return jax.jit(functools.partial(impl, **dict(params)))
+
+
+def _register(prim, impl, out_shape, transpose_prim, transpose_params):
+    prim.def_impl(lambda x, **params: _compiled(impl, tuple(sorted(params.items())))(x))
+    prim.def_abstract_eval(
+        lambda x, **params: jax.core.ShapedArray(out_shape(x.shape, **params), x.dtype)
+    )
+    mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+
+    def transpose_rule(ct, x, **params):
+        if isinstance(ct, ad.Zero):
+            return [ad.Zero(x.aval)]
+        return [transpose_prim.bind(ct, **transpose_params(x.aval.shape, **params))]
+
+    ad.deflinear2(prim, transpose_rule)
+
+    def batch_rule(args, dims, **params):
+        # y is an independent coordinate for the projector, so a batch folds into it.
+        (x,), (bd,) = args, dims
+        x = jnp.moveaxis(x, bd, 1)
+        n0, nb, ny, n2 = x.shape
+        out = prim.bind(x.reshape(n0, nb * ny, n2), **params)
+        return out.reshape(out.shape[0], nb, ny, out.shape[-1]), 1
+
+    batching.primitive_batchers[prim] = batch_rule
+
+
+_register(
+    project_p,
+    _project_impl,
+    lambda shape, angles_deg: (len(angles_deg), shape[1], shape[2]),
+    backproject_p,
+    lambda shape, angles_deg: {"angles_deg": angles_deg, "nz": shape[0]},
+)
+_register(
+    backproject_p,
+    _backproject_impl,
+    lambda shape, angles_deg, nz: (nz, shape[1], shape[2]),
+    project_p,
+    lambda shape, angles_deg, nz: {"angles_deg": angles_deg},
+)
+
+
+def _as_float(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _check_shape(x, expected, what):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{what} has shape {tuple(x.shape)}, expected {tuple(expected)}")
+
+
+class TiltProjector(AbstractLinearOperator):
+    """Line integrals of a volume along the beam at each tilt: volume -> tilt series.
+
+    Args:
+        geometry: the tilt angles (`TiltGeometry`).
+        volume_shape: (z, y, x) for 3D volumes -> tilt series (n_tilts, y, x), or (z, x) for 2D
+            images -> sinograms (n_tilts, x).
+        dtype: default dtype reported by `in_structure`/`out_structure` (the operator itself works
+            in whatever floating dtype it is given).
+
+    Units: one voxel is the unit of length, so a constant volume of value 1 projects at 0 deg to
+    its thickness in voxels. `op.T` is the exact adjoint (backprojection).
+    """
+
+    geometry: TiltGeometry
+    volume_shape: tuple[int, ...] = eqx.field(static=True, converter=lambda s: tuple(int(v) for v in s))
+    dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
+
+    def __check_init__(self):
+        if len(self.volume_shape) not in (2, 3) or min(self.volume_shape) < 1:
+            raise ValueError(
+                f"volume_shape must be (z, y, x) or (z, x) with positive sizes, got {self.volume_shape}"
+            )
+
+    @property
+    def tilt_series_shape(self) -> tuple[int, ...]:
+        return (self.geometry.n_tilts,) + self.volume_shape[1:]
+
+    def mv(self, volume):
+        volume = _as_float(volume)
+        _check_shape(volume, self.volume_shape, "volume")
+        v3 = volume[:, None, :] if volume.ndim == 2 else volume
+        out = project_p.bind(v3, angles_deg=self.geometry.angles_deg)
+        return out[:, 0, :] if volume.ndim == 2 else out
+
+    def transpose(self):
+        return TiltBackprojector(self.geometry, self.volume_shape, self.dtype)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct(self.volume_shape, self.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct(self.tilt_series_shape, self.dtype)
+
+
+class TiltBackprojector(AbstractLinearOperator):
+    """The exact adjoint of `TiltProjector`: tilt series -> volume (unfiltered backprojection)."""
+
+    geometry: TiltGeometry
+    volume_shape: tuple[int, ...] = eqx.field(static=True, converter=lambda s: tuple(int(v) for v in s))
+    dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
+
+    def mv(self, tilt_series):
+        tilt_series = _as_float(tilt_series)
+        shape = (self.geometry.n_tilts,) + self.volume_shape[1:]
+        _check_shape(tilt_series, shape, "tilt series")
+        s3 = tilt_series[:, None, :] if tilt_series.ndim == 2 else tilt_series
+        out = backproject_p.bind(s3, angles_deg=self.geometry.angles_deg, nz=self.volume_shape[0])
+        return out[:, 0, :] if tilt_series.ndim == 2 else out
+
+    def transpose(self):
+        return TiltProjector(self.geometry, self.volume_shape, self.dtype)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.geometry.n_tilts,) + self.volume_shape[1:], self.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct(self.volume_shape, self.dtype)
