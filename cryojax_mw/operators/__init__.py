@@ -7,6 +7,7 @@ from ._base import (
     ScaledOperator,
     SumOperator,
 )
+from ._norm import operator_norm
 from ._tilt import TiltBackprojector, TiltGeometry, TiltProjector
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "TiltBackprojector",
     "TiltGeometry",
     "TiltProjector",
+    "operator_norm",
 ]
