@@ -1,0 +1,109 @@
+"""The shared benchmark helpers: timing excludes the warm-up, Markdown blocks are replaced in place,
+JSON writes are atomic and strict, and a child's peak memory excludes the parent's."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
+_spec = importlib.util.spec_from_file_location("bench_common", _PATH)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def test_time_call_excludes_warmup_and_makes_the_asked_number_of_calls():
+    calls = []
+    t = common.time_call(lambda: calls.append(1), repeats=5)
+    assert len(calls) == 6
+    assert len(t["runs_ms"]) == 5
+    assert t["min_ms"] <= t["median_ms"] <= max(t["runs_ms"])
+
+
+def test_time_call_uses_fast_repeats_for_fast_calls():
+    t = common.time_call(lambda: None)
+    assert len(t["runs_ms"]) == common.FAST_REPEATS
+
+
+def test_time_call_rejects_zero_repeats():
+    with pytest.raises(ValueError, match="repeats"):
+        common.time_call(lambda: None, repeats=0)
+
+
+def test_ratio_is_project_over_peer_and_nan_when_a_side_is_missing():
+    assert common.ratio(2.0, 8.0) == 0.25
+    assert math.isnan(common.ratio(None, 8.0))
+    assert math.isnan(common.ratio(2.0, None))
+
+
+def test_replace_block_rewrites_only_between_markers_and_is_idempotent():
+    text = "# T\n\nbefore\n<!-- p:start -->\nold\n<!-- p:end -->\nafter\n"
+    once = common.replace_block(text, "p", "new table")
+    assert once == "# T\n\nbefore\n<!-- p:start -->\nnew table\n<!-- p:end -->\nafter\n"
+    assert common.replace_block(once, "p", "new table") == once
+    # Another benchmark's block is left alone.
+    both = common.replace_block(once, "q", "other")
+    assert "new table" in both and both.endswith("<!-- q:start -->\nother\n<!-- q:end -->\n")
+    assert common.replace_block(both, "p", "third").count("<!-- q:start -->\nother") == 1
+
+
+def test_replace_block_appends_when_markers_are_absent():
+    assert common.replace_block("# T\n", "p", "x") == "# T\n\n<!-- p:start -->\nx\n<!-- p:end -->\n"
+
+
+def test_markdown_table_shape_and_row_length_check():
+    t = common.markdown_table(["a", "b"], [[1, None], ["x|y", 2.5]])
+    assert t.splitlines() == ["| a | b |", "|---|---|", "| 1 | – |", "| x\\|y | 2.5 |"]
+    with pytest.raises(ValueError, match="one cell per header"):
+        common.markdown_table(["a", "b"], [[1]])
+
+
+def test_write_json_atomic_is_strict_json_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    common.write_json_atomic(path, {"a": [1.5, float("nan")], "b": float("inf")})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "a": [1.5, None], "b": None}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_child_peak_rss_counts_the_child_and_not_the_parent(tmp_path):
+    # The parent holds 300 MB; a child that allocates nothing must report far less.
+    parent = np.ones(300 * 2**20 // 8)
+    small_script = tmp_path / "small.py"
+    small_script.write_text("import sys; print('ok', sys.argv[1:])")
+    out, small = common.run_script_with_peak_rss(small_script, ["a", 2])
+    assert out.strip() == "ok ['a', '2']"
+    assert small < 150 * 2**20
+    big_script = tmp_path / "big.py"
+    big_script.write_text("b = bytearray(200 * 2**20)\nb[::4096] = b'x' * len(b[::4096])\n")
+    _, big = common.run_script_with_peak_rss(big_script)
+    assert big > 200 * 2**20
+    del parent
+
+
+def test_child_peak_rss_survives_sys_exit_and_reports_failure(tmp_path):
+    ok = tmp_path / "ok.py"
+    ok.write_text("import sys\nif __name__ == '__main__':\n    sys.exit(0)\n")
+    assert common.run_script_with_peak_rss(ok)[1] > 0
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys; sys.exit(3)")
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        common.run_script_with_peak_rss(bad)
+
+
+def test_peak_rss_self_is_at_least_current_allocation():
+    a = np.ones(64 * 2**20 // 8)
+    assert common.peak_rss_self_bytes() > 64 * 2**20
+    del a
+
+
+def test_machine_info_reports_cores_and_versions():
+    info = common.machine_info(("numpy", "surely-not-installed-pkg"))
+    assert info["cores"] >= 1
+    assert info["versions"]["numpy"] == np.__version__
+    assert info["versions"]["surely-not-installed-pkg"] is None
+    assert sys.version.startswith(info["python"])
