@@ -28,25 +28,32 @@ FAST_REPEATS = 7
 SLOW_REPEATS = 3
 
 
-def time_call(fn: Callable[[], Any], repeats: int | None = None) -> dict:
-    """Time `fn()` after one excluded warm-up call.
+def time_call(fn: Callable[[], Any], repeats: int | None = None, warmup: bool = True) -> dict:
+    """Time `fn()`, after one excluded warm-up call unless `warmup` is False.
 
     Args:
         fn: a callable with no arguments that returns only once its work is finished (JAX callers
             must `jax.block_until_ready` inside it).
         repeats: how many timed calls; None picks `FAST_REPEATS`, or `SLOW_REPEATS` when the
             warm-up call took longer than `SLOW_CALL_S` seconds.
+        warmup: make the excluded first call. Skip it only for code with nothing to compile or
+            cache whose single call is too slow to repeat (then `repeats` is required).
 
     Returns:
-        {"median_ms", "min_ms", "runs_ms", "warmup_ms"}: wall-clock times in milliseconds.
+        {"median_ms", "min_ms", "runs_ms", "warmup_ms"}: wall-clock times in milliseconds
+        (`warmup_ms` is None without a warm-up call).
     """
     if repeats is not None and repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats}")
-    t0 = time.perf_counter()
-    fn()
-    warmup = time.perf_counter() - t0
+    if not warmup and repeats is None:
+        raise ValueError("time_call without a warm-up call needs an explicit number of repeats")
+    warmup_s = None
+    if warmup:
+        t0 = time.perf_counter()
+        fn()
+        warmup_s = time.perf_counter() - t0
     if repeats is None:
-        repeats = SLOW_REPEATS if warmup > SLOW_CALL_S else FAST_REPEATS
+        repeats = SLOW_REPEATS if warmup_s > SLOW_CALL_S else FAST_REPEATS
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -56,7 +63,7 @@ def time_call(fn: Callable[[], Any], repeats: int | None = None) -> dict:
         "median_ms": 1e3 * statistics.median(runs),
         "min_ms": 1e3 * min(runs),
         "runs_ms": [1e3 * r for r in runs],
-        "warmup_ms": 1e3 * warmup,
+        "warmup_ms": None if warmup_s is None else 1e3 * warmup_s,
     }
 
 

@@ -29,9 +29,17 @@ def test_time_call_uses_fast_repeats_for_fast_calls():
     assert len(t["runs_ms"]) == common.FAST_REPEATS
 
 
-def test_time_call_rejects_zero_repeats():
+def test_time_call_without_warmup_makes_exactly_the_timed_calls():
+    calls = []
+    t = common.time_call(lambda: calls.append(1), repeats=2, warmup=False)
+    assert len(calls) == 2 and t["warmup_ms"] is None
+
+
+def test_time_call_rejects_zero_repeats_and_unbounded_calls_without_warmup():
     with pytest.raises(ValueError, match="repeats"):
         common.time_call(lambda: None, repeats=0)
+    with pytest.raises(ValueError, match="explicit number of repeats"):
+        common.time_call(lambda: None, warmup=False)
 
 
 def test_ratio_is_project_over_peer_and_nan_when_a_side_is_missing():
