@@ -322,7 +322,8 @@ def test_image_stack_with_unset_z_cell_is_not_called_anisotropic(tmp_path):
 
 
 def test_tilt_angles_round_trip_exactly(tmp_path):
-    angles = np.concatenate([np.arange(-60.0, 61.0, 3.0), np.random.default_rng(4).uniform(-70, 70, 7)])
+    random_angles = np.random.default_rng(4).uniform(-70, 70, 7)
+    angles = np.concatenate([np.arange(-60.0, 61.0, 3.0), random_angles])
     path = write_tilt_angles(tmp_path / "ts.tlt", angles)
     back = read_tilt_angles(path)
     assert back.dtype == np.float64

@@ -195,7 +195,8 @@ def _voxel_size(
         sizes = sizes[:2]
     if not np.all(np.isfinite(sizes)) or np.any(sizes < 0):
         warnings.warn(
-            f"{path} has an invalid voxel size {sizes.tolist()} in its header; treating it as absent",
+            f"{path} has an invalid voxel size {sizes.tolist()} in its header; "
+            "treating it as absent",
             RuntimeWarning,
             stacklevel=3,
         )
