@@ -7,17 +7,33 @@ from ._base import (
     ScaledOperator,
     SumOperator,
 )
+from ._fourier import (
+    FourierMaskOperator,
+    missing_pyramid_mask,
+    missing_wedge_mask,
+    periodic_plus_smooth,
+    project_observed,
+)
+from ._noise import add_gaussian_noise, add_poisson_noise, gaussian_sigma_for_snr
 from ._norm import operator_norm
 from ._tilt import TiltBackprojector, TiltGeometry, TiltProjector
 
 __all__ = [
     "AbstractLinearOperator",
     "ComposedOperator",
+    "FourierMaskOperator",
     "IdentityOperator",
     "ScaledOperator",
     "SumOperator",
     "TiltBackprojector",
     "TiltGeometry",
     "TiltProjector",
+    "add_gaussian_noise",
+    "add_poisson_noise",
+    "gaussian_sigma_for_snr",
+    "missing_pyramid_mask",
+    "missing_wedge_mask",
     "operator_norm",
+    "periodic_plus_smooth",
+    "project_observed",
 ]

@@ -126,8 +126,8 @@ def missing_wedge_mask(
     """Fourier coverage of a single-axis tilt series (tilt axis y) on the rfftn half spectrum.
 
     The projection at tilt theta measures the central plane containing ky and the direction
-    (kz, kx) = (sin(theta), cos(theta)) — the convention of `TiltProjector`. A frequency is observed
-    when the angle of its (kz, kx) direction, taken modulo 180 degrees, lies in
+    (kz, kx) = (sin(theta), cos(theta)), the convention of `TiltProjector`. A frequency is
+    observed when the angle of its (kz, kx) direction, taken modulo 180 degrees, lies in
     [tilt_min_deg, tilt_max_deg]; the ky axis (kz = kx = 0), DC included, is always observed.
     Nyquist coefficients of even axes count as observed only where all their aliases (+-1/2) are,
     so the mask is point-symmetric on the self-conjugate planes and `FourierMaskOperator` keeps it.
@@ -179,7 +179,8 @@ def missing_pyramid_mask(
     """
     shape = _check_volume_shape(shape, (3,), "missing_pyramid_mask")
     ranges = []
-    for name, r in (("tilt_range_y_deg", tilt_range_y_deg), ("tilt_range_x_deg", tilt_range_x_deg)):
+    named = (("tilt_range_y_deg", tilt_range_y_deg), ("tilt_range_x_deg", tilt_range_x_deg))
+    for name, r in named:
         if np.shape(r) != (2,):
             raise ValueError(f"missing_pyramid_mask: {name} must be a (min, max) pair, got {r!r}")
         ranges.append(_check_tilt_range(r[0], r[1], f"missing_pyramid_mask {name}"))
@@ -245,7 +246,9 @@ class FourierMaskOperator(AbstractLinearOperator):
         try:
             shape = tuple(int(s) for s in shape)
         except TypeError:
-            raise ValueError(f"FourierMaskOperator: shape must be a tuple of ints, got {shape!r}") from None
+            raise ValueError(
+                f"FourierMaskOperator: shape must be a tuple of ints, got {shape!r}"
+            ) from None
         if len(shape) == 0 or min(shape) < 1:
             raise ValueError(f"FourierMaskOperator: shape must have positive sizes, got {shape}")
         mask = _as_real_mask(mask, "FourierMaskOperator")
@@ -261,7 +264,9 @@ class FourierMaskOperator(AbstractLinearOperator):
     def mv(self, x):
         x = _as_float(x)
         if tuple(x.shape) != self.shape:
-            raise ValueError(f"FourierMaskOperator: input has shape {tuple(x.shape)}, expected {self.shape}")
+            raise ValueError(
+                f"FourierMaskOperator: input has shape {tuple(x.shape)}, expected {self.shape}"
+            )
         spec = jnp.fft.rfftn(x)
         return jnp.fft.irfftn(self.mask.astype(x.dtype) * spec, s=self.shape).astype(x.dtype)
 
