@@ -142,27 +142,33 @@ def _forward_branch(vol, p, q, n_det):
 
 
 def _adjoint_branch(sino, p, q, na, nb):
-    """Exact transpose of `_forward_branch`: sino (k, n_det, cy) -> volume (na, nb, cy)."""
-    k, n_det, _ = sino.shape
+    """Exact transpose of `_forward_branch`: sino (k, n_det, cy) -> volume (na, nb, cy).
+
+    Voxel (a, b) reads detector position t* = b * p + a * q with the hat of width |p|. The loop
+    over angles is unrolled so XLA fuses all of them into one pass over each output slice; a
+    vectorised gather over angles followed by a sum (or an einsum) was 3-15x slower on CPU, and
+    the einsum form returned wrong values for some voxels on XLA:CPU.
+    """
+    k, n_det, cy = sino.shape
     dt = sino.dtype
     ca, cb, ct = (na - 1) / 2, (nb - 1) / 2, (n_det - 1) / 2
     sp = jnp.pad(sino, ((0, 0), (1, 2), (0, 0)))
     b = np.arange(nb) - cb
-    base = jnp.asarray(b[None, :] * p[:, None] + ct + 1.0, dt)
-    slope = jnp.asarray(q, dt)[:, None]
-    inv_w = jnp.asarray(1.0 / np.abs(p), dt)[:, None]
-    kidx = jnp.arange(k)[:, None]
 
     def step(_, a_idx):
-        pos = jnp.clip(base + (a_idx.astype(dt) - ca) * slope, 0.0, n_det + 1.0)
-        i0f = jnp.floor(pos)
-        d = pos - i0f
-        w0 = jnp.maximum(0.0, 1.0 - d * inv_w) * inv_w
-        w1 = jnp.maximum(0.0, 1.0 - (1.0 - d) * inv_w) * inv_w
-        i0 = i0f.astype(jnp.int32)
-        g0 = sp[kidx, i0]
-        g1 = sp[kidx, i0 + 1]
-        return None, jnp.einsum("kb,kby->by", w0, g0) + jnp.einsum("kb,kby->by", w1, g1)
+        a = a_idx.astype(dt) - ca
+        out = jnp.zeros((nb, cy), dt)
+        for j in range(k):
+            inv_w = 1.0 / abs(p[j])
+            pos = jnp.clip(jnp.asarray(b * p[j] + ct + 1.0, dt) + a * q[j], 0.0, n_det + 1.0)
+            i0f = jnp.floor(pos)
+            d = pos - i0f
+            w0 = jnp.maximum(0.0, 1.0 - d * inv_w) * inv_w
+            w1 = jnp.maximum(0.0, 1.0 - (1.0 - d) * inv_w) * inv_w
+            i0 = i0f.astype(jnp.int32)
+            row = sp[j]
+            out = out + w0[:, None] * row[i0] + w1[:, None] * row[i0 + 1]
+        return None, out
 
     _, out = lax.scan(step, None, jnp.arange(na))
     return out
