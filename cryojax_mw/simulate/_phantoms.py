@@ -1,8 +1,9 @@
 """Test phantoms: the modified Shepp-Logan phantom (2D and 3D) and random Gaussian blobs.
 
 Axis conventions follow the package: 2D images are (z, x), volumes are (z, y, x) with y the tilt
-axis. The Shepp-Logan head lies in the (z, x) plane (the plane each tilt images), its top at z = 0,
-and in 3D it extends along y, so the central y-slice of a volume with an odd y size is the 2D phantom.
+axis. The Shepp-Logan head lies in the (z, x) plane (the plane each tilt images), its top at
+z = 0, and in 3D it extends along y, so the central y-slice of a volume with an odd y size is
+the 2D phantom.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ _SHEPP_LOGAN_2D = np.array(
     ]
 )
 
-# Third semi-axes of the 3D extension (Kak & Slaney's ellipsoids as tabulated in Schabel's
-# `phantom3d` and ODL): the same ellipses, given a depth along the tilt axis, all centred in the
-# mid-plane and rotated in-plane only, so the mid-plane section is exactly the 2D phantom.
-_SHEPP_LOGAN_DEPTH = np.array([0.810, 0.780, 0.220, 0.280, 0.410, 0.050, 0.050, 0.020, 0.020, 0.020])
+# Third semi-axes (depth along the tilt axis) of the common 3D extension, as in Schabel's
+# `phantom3d` and ODL. As in ODL, every ellipsoid is centred in the mid-plane and rotated in-plane
+# only, so the mid-plane section is exactly the 2D phantom.
+_SHEPP_LOGAN_DEPTH = np.array(
+    [0.810, 0.780, 0.220, 0.280, 0.410, 0.050, 0.050, 0.020, 0.020, 0.020]
+)
 
 
 def _unit_coords(n: int) -> np.ndarray:
