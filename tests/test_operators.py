@@ -134,6 +134,16 @@ def test_jit_vmap_and_plain_calls_agree():
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_operators_keep_the_input_dtype_even_with_x64_enabled(dtype):
+    with jax.enable_x64(True):
+        for name, op in _operators(jnp.float32).items():
+            x = jnp.ones(op.in_structure().shape, dtype)
+            y = jnp.ones(op.out_structure().shape, dtype)
+            assert op.mv(x).dtype == dtype, name
+            assert op.T.mv(y).dtype == dtype, name
+
+
 def test_repeated_calls_do_not_retrace():
     op = cm.TiltProjector(GEOMETRIES["even-60"], (8, 3, 8))
 

@@ -111,17 +111,21 @@ def _branches(angles_deg: tuple[float, ...]):
     return (iz, c[iz], s[iz]), (ix, s[ix], c[ix])
 
 
-def _forward_branch(vol, p, q, n_det):
-    """Joseph forward over angles whose rays step along axis 0 of vol (na, nb, cy).
+def _forward_branch(vol, p, q, n_det, step_axis):
+    """Joseph forward over angles whose rays step along `step_axis` of vol (z, x, cy).
 
-    Detector position t = b * p + a * q (centred), so the ray for detector pixel t meets slice a at
-    b = (t - a * q) / p; linear interpolation there, times the step length 1 / |p|.
+    With a the stepped coordinate and b the other one, detector position t = b * p + a * q
+    (centred), so the ray for detector pixel t meets slice a at b = (t - a * q) / p; linear
+    interpolation there, times the step length 1 / |p|. Slices are read in place (no transposed
+    copy of the volume) and each step gathers whole contiguous y rows.
     """
-    na, nb, _ = vol.shape
+    na, nb = vol.shape[step_axis], vol.shape[1 - step_axis]
     dt = vol.dtype
     ca, cb, ct = (na - 1) / 2, (nb - 1) / 2, (n_det - 1) / 2
     # Zero rows (one before, two after) make out-of-volume reads free once positions are clipped.
-    volp = jnp.pad(vol, ((0, 0), (1, 2), (0, 0)))
+    pad = [(0, 0)] * 3
+    pad[1 - step_axis] = (1, 2)
+    volp = jnp.pad(vol, pad)
     t = np.arange(n_det) - ct
     base = jnp.asarray(t[None, :] / p[:, None] + cb + 1.0, dt)
     slope = jnp.asarray(-q / p, dt)[:, None]
@@ -131,7 +135,7 @@ def _forward_branch(vol, p, q, n_det):
         i0f = jnp.floor(pos)
         frac = (pos - i0f)[..., None]
         i0 = i0f.astype(jnp.int32)
-        slab = volp[a_idx]
+        slab = lax.dynamic_index_in_dim(volp, a_idx, axis=step_axis, keepdims=False)
         g0 = slab[i0]
         g1 = slab[i0 + 1]
         return acc + g0 + frac * (g1 - g0), None
@@ -159,8 +163,9 @@ def _adjoint_branch(sino, p, q, na, nb):
         a = a_idx.astype(dt) - ca
         out = jnp.zeros((nb, cy), dt)
         for j in range(k):
-            inv_w = 1.0 / abs(p[j])
-            pos = jnp.clip(jnp.asarray(b * p[j] + ct + 1.0, dt) + a * q[j], 0.0, n_det + 1.0)
+            # Python floats are weakly typed: they keep float32 data float32 even under x64.
+            inv_w, qj = float(1.0 / abs(p[j])), float(q[j])
+            pos = jnp.clip(jnp.asarray(b * p[j] + ct + 1.0, dt) + a * qj, 0.0, n_det + 1.0)
             i0f = jnp.floor(pos)
             d = pos - i0f
             w0 = jnp.maximum(0.0, 1.0 - d * inv_w) * inv_w
@@ -179,10 +184,10 @@ def _forward_chunk(vol_zxy, angles_deg):
     n_det = vol_zxy.shape[1]
     parts, order = [], []
     if len(iz):
-        parts.append(_forward_branch(vol_zxy, pz, qz, n_det))
+        parts.append(_forward_branch(vol_zxy, pz, qz, n_det, step_axis=0))
         order.append(iz)
     if len(ix):
-        parts.append(_forward_branch(jnp.transpose(vol_zxy, (1, 0, 2)), px, qx, n_det))
+        parts.append(_forward_branch(vol_zxy, px, qx, n_det, step_axis=1))
         order.append(ix)
     if len(parts) == 1:
         return parts[0]
