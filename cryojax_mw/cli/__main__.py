@@ -1,0 +1,3 @@
+from ._commands import main
+
+main()
