@@ -191,8 +191,7 @@ def _forward_chunk(vol_zxy, angles_deg):
         order.append(ix)
     if len(parts) == 1:
         return parts[0]
-    inv = np.argsort(np.concatenate(order))
-    return jnp.concatenate(parts)[inv]
+    return jnp.concatenate(parts)[np.argsort(np.concatenate(order))]
 
 
 def _adjoint_chunk(sino_kty, angles_deg, nz, nx):
