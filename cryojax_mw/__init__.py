@@ -28,7 +28,7 @@ from .operators import (
     periodic_plus_smooth,
     project_observed,
 )
-from .reconstruct import Reconstruction, cgls, sirt, tv_map, wbp
+from .reconstruct import Reconstruction, cgls, sirt, tv_map, tv_weight, wbp
 from .simulate import random_blobs, shepp_logan
 
 __version__ = "0.1.0"

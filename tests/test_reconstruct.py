@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from cryojax_mw.operators import TiltGeometry, TiltProjector
-from cryojax_mw.reconstruct import Reconstruction, angular_weights, cgls, sirt, tv_map, wbp
+from cryojax_mw.reconstruct import (
+    Reconstruction,
+    angular_weights,
+    cgls,
+    sirt,
+    tv_map,
+    tv_weight,
+    wbp,
+)
 from cryojax_mw.simulate import random_blobs, shepp_logan
 
 
@@ -337,6 +345,18 @@ def test_tv_map_nonnegative_stays_feasible_and_new_lam_does_not_retrace(x64, tv_
     with _TRACES as traces:
         tv_map(data, op, 0.3, 300, nonnegative=True)
     assert traces.count == 0
+
+
+def test_relative_tv_weight_makes_tv_map_equivariant_to_the_data_scale(x64, tv_problem):
+    """With tv_weight, scaling the data by c scales the reconstruction by c: units do not matter."""
+    op, _, b = tv_problem
+    data = jnp.asarray(b.reshape(op.tilt_series_shape))
+    c = 37.0
+    ref = tv_map(data, op, tv_weight(0.1, data, op.volume_shape[0]), 300).volume
+    scaled = tv_map(c * data, op, tv_weight(0.1, c * data, op.volume_shape[0]), 300).volume
+    np.testing.assert_allclose(scaled, c * ref, rtol=1e-8, atol=1e-8 * c * float(jnp.abs(ref).max()))
+    with pytest.raises(ValueError, match=">= 0"):
+        tv_weight(-0.1, data, op.volume_shape[0])
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (5, 6, 4)])

@@ -54,16 +54,6 @@ def _tilt_series_and_angles(tilt_series_path: Path, angles_path: Path | None, ti
     return data, voxel_size, TiltGeometry(angles)
 
 
-def absolute_tv_weight(lam: float, tilt_series, thickness: int) -> float:
-    """TV weight in the data's units from one relative to the noise scale of A^T b.
-
-    A^T of white noise of standard deviation s has voxel values of size s * sqrt(n_tilts * nz);
-    at the low SNR of cryo-ET, std(b) stands in for s, so one relative default fits any data.
-    """
-    data = np.asarray(tilt_series)
-    return float(lam * np.std(data) * np.sqrt(data.shape[0] * thickness))
-
-
 def _figure(volumes: dict, path: Path, title: str) -> Path:
     return plot.save_figure(plot.ortho_slices(volumes, title=title), path)
 
@@ -203,7 +193,7 @@ def reconstruct_cmd(tilt_series_path, angles_path, tilt_range, tilt_step, thickn
         raise UsageError("--thickness must be at least 1")
     shape = (nz, nx) if data.ndim == 2 else (nz, data.shape[1], nx)
     projector = TiltProjector(geometry, shape)
-    scaled_lam = absolute_tv_weight(lam, data, nz)
+    scaled_lam = reconstruct.tv_weight(lam, data, nz)
     start = time.perf_counter()
     result = run_reconstruction(method, data, projector, iterations=iterations, lam=scaled_lam,
                                 filter_name=filter_name, nonnegative=nonnegative, progress=True)
@@ -281,7 +271,7 @@ def demo_cmd(out_dir, size, seed):
     # Iterations stop early on purpose: SIRT and CGLS fit the noise if run to convergence.
     settings = {"wbp": dict(iterations=1), "sirt": dict(iterations=20), "cgls": dict(iterations=4),
                 "tv": dict(iterations=150)}
-    lam = absolute_tv_weight(0.1, data, size)
+    lam = reconstruct.tv_weight(0.1, data, size)
     volumes, report, curves = {"ground truth": np.asarray(truth)}, {}, {}
     for method, opts in settings.items():
         start = time.perf_counter()

@@ -6,7 +6,16 @@ Every solver takes the data first and the forward operator second and returns a 
 
 from ._iterative import cgls, sirt
 from ._result import Reconstruction
-from ._tv import tv_map
+from ._tv import tv_map, tv_weight
 from ._wbp import FILTERS, angular_weights, wbp
 
-__all__ = ["FILTERS", "Reconstruction", "angular_weights", "cgls", "sirt", "tv_map", "wbp"]
+__all__ = [
+    "FILTERS",
+    "Reconstruction",
+    "angular_weights",
+    "cgls",
+    "sirt",
+    "tv_map",
+    "tv_weight",
+    "wbp",
+]

@@ -143,3 +143,21 @@ def tv_map(
 
     (x, *_), (residuals, objective) = iterate(chunk, state, num_iters, progress, "TV-MAP")
     return Reconstruction(x, residuals, objective)
+
+
+def tv_weight(relative: float, tilt_series, thickness: int) -> float:
+    """The TV weight `lam` for `tv_map` from one relative to the noise scale of the data.
+
+    A^T applied to white noise of standard deviation s gives voxel values of size about
+    s * sqrt(n_tilts * thickness); at the low SNR of cryo-ET std(b) stands in for s, so a relative
+    weight of about 0.1 suits data of any units and size (larger is smoother).
+
+    Args:
+        relative: weight relative to std(b) * sqrt(n_tilts * thickness) (>= 0).
+        tilt_series: the data b, (n_tilts, ...).
+        thickness: the volume's size along z (the beam), in voxels.
+    """
+    if relative < 0:
+        raise ValueError(f"the relative TV weight must be >= 0, got {relative}")
+    data = jnp.asarray(tilt_series)
+    return float(relative * jnp.std(data) * jnp.sqrt(data.shape[0] * thickness))
