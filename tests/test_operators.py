@@ -28,6 +28,9 @@ def _operators(dtype):
     ops["normal"] = a.T @ a
     ops["sum-scaled"] = 2.5 * a - (-a) + a
     ops["identity"] = cm.IdentityOperator((5, 6), dtype)
+    wedge = cm.FourierMaskOperator(cm.missing_wedge_mask((10, 3, 7), -50, 65), (10, 3, 7), dtype)
+    ops["fourier-wedge"] = wedge
+    ops["wedge-after-backprojection"] = wedge @ a.T
     return ops
 
 
