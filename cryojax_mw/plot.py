@@ -1,8 +1,9 @@
 """Figures people would rather look at than read: ortho-slices of volumes and FSC curves.
 
 Used by the CLI, the notebooks and the paper, so it lives beside the other public modules.
-Matplotlib runs headless (Agg); every function returns the Figure and `save_figure` writes it
-atomically.
+Every function returns the Figure (notebooks show it inline) and `save_figure` writes it
+atomically and closes it. The backend is left to matplotlib, which picks Agg when there is no
+display.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _central_sections(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -57,16 +55,20 @@ def ortho_slices(volumes: Mapping[str, np.ndarray], title: str | None = None) ->
     return fig
 
 
-def fsc_curves(curves: Mapping[str, object], title: str | None = None) -> plt.Figure:
-    """FSC curves (FSCResult-like objects with `frequency`, `fsc`) with the 0.143 and 0.5 lines."""
+def fsc_curves(curves: Mapping[str, object], title: str | None = None,
+               unit: str = "1/Å") -> plt.Figure:
+    """FSC curves (FSCResult-like objects with `frequency`, `fsc`) with the 0.143 and 0.5 lines.
+
+    Args:
+        curves: name -> FSC result, drawn in the given order.
+        title: optional axes title.
+        unit: the frequency unit, "1/Å" when the FSC was given a voxel size, else "1/voxel".
+    """
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    unit = "1/voxel"
     for name, res in curves.items():
         ax.plot(np.asarray(res.frequency), np.asarray(res.fsc), label=name)
     for level in (0.5, 0.143):
         ax.axhline(level, color="gray", lw=0.8, ls="--")
-    if any(getattr(r, "voxel_size", None) for r in curves.values()):
-        unit = "1/Å"
     ax.set_xlabel(f"spatial frequency ({unit})")
     ax.set_ylabel("FSC")
     ax.set_ylim(-0.1, 1.02)

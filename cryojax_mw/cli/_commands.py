@@ -240,7 +240,8 @@ def fsc_cmd(map_a, map_b, voxel_size, out_path):
             "frequency": np.asarray(res.frequency).tolist(), "fsc": np.asarray(res.fsc).tolist(),
             "resolution_0143": float(res.resolution_0143), "resolution_05": float(res.resolution_05),
         })
-        plot.save_figure(plot.fsc_curves({f"{map_a.name} vs {map_b.name}": res}),
+        plot.save_figure(plot.fsc_curves({f"{map_a.name} vs {map_b.name}": res},
+                                         unit="1/Å" if voxel else "1/voxel"),
                          out_path.with_suffix(".png"))
 
 
