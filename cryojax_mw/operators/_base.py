@@ -15,6 +15,12 @@ import jax
 import jax.numpy as jnp
 
 
+def as_float(x) -> jax.Array:
+    """`x` as a JAX array of a floating dtype (integers and booleans become float32)."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
 class AbstractLinearOperator(eqx.Module):
     """A linear map between arrays with static shapes.
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._base import AbstractLinearOperator
+from ._base import AbstractLinearOperator, as_float
 
 
 def _half_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -214,11 +214,6 @@ def _as_real_mask(mask, what) -> jax.Array:
     return mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask.astype(jnp.float32)
 
 
-def _as_float(x) -> jax.Array:
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-
-
 class FourierMaskOperator(AbstractLinearOperator):
     """x -> irfftn(mask * rfftn(x)): a real Fourier multiplier, exactly self-adjoint.
 
@@ -262,7 +257,7 @@ class FourierMaskOperator(AbstractLinearOperator):
         self.dtype = dtype
 
     def mv(self, x):
-        x = _as_float(x)
+        x = as_float(x)
         if tuple(x.shape) != self.shape:
             raise ValueError(
                 f"FourierMaskOperator: input has shape {tuple(x.shape)}, expected {self.shape}"
@@ -297,7 +292,7 @@ def project_observed(x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
     Returns:
         Array of the shape and dtype of `x`.
     """
-    x, y = _as_float(x), _as_float(y)
+    x, y = as_float(x), as_float(y)
     if x.shape != y.shape:
         raise ValueError(f"project_observed: x has shape {x.shape} but y has shape {y.shape}")
     mask = _as_real_mask(mask, "project_observed")
@@ -330,7 +325,7 @@ def periodic_plus_smooth(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     Returns:
         (periodic, smooth), both of the shape and floating dtype of `x`.
     """
-    x = _as_float(x)
+    x = as_float(x)
     if x.ndim == 0:
         raise ValueError("periodic_plus_smooth: input must have at least one axis")
     v = jnp.zeros_like(x)

@@ -13,15 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._base import as_float
+
 
 def _check_key(key) -> None:
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
         raise ValueError("key must be a typed PRNG key; create it with jax.random.key(seed)")
-
-
-def _as_float(x) -> jax.Array:
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
 
 
 def _concrete(x):
@@ -57,7 +54,7 @@ def add_gaussian_noise(key: jax.Array, clean: jax.Array, sigma) -> jax.Array:
         Noisy data of the shape and floating dtype of `clean`.
     """
     _check_key(key)
-    clean = _as_float(clean)
+    clean = as_float(clean)
     sigma = jnp.asarray(sigma, clean.dtype)
     try:
         shape = jnp.broadcast_shapes(sigma.shape, clean.shape)
@@ -87,7 +84,7 @@ def gaussian_sigma_for_snr(clean: jax.Array, snr, *, axis=None) -> jax.Array:
     Returns:
         sigma = sqrt(var(clean) / snr), with the reduced axes kept as size 1 when `axis` is given.
     """
-    clean = _as_float(clean)
+    clean = as_float(clean)
     snr = _check_values(jnp.asarray(snr, clean.dtype), lambda s: s > 0, "snr must be > 0")
     var = jnp.var(clean, axis=axis, keepdims=axis is not None)
     return jnp.sqrt(var / snr)
@@ -112,7 +109,7 @@ def add_poisson_noise(key: jax.Array, tilt_series: jax.Array, electrons_per_pixe
         Noisy line integrals of the shape and floating dtype of `tilt_series`.
     """
     _check_key(key)
-    p = _as_float(tilt_series)
+    p = as_float(tilt_series)
     if p.ndim < 1:
         raise ValueError("tilt_series must have a tilt axis first, e.g. (n_tilts, y, x)")
     dose = jnp.asarray(electrons_per_pixel, p.dtype)

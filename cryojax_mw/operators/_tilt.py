@@ -32,7 +32,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from ._base import AbstractLinearOperator
+from ._base import AbstractLinearOperator, as_float
 
 # Accumulator budget per y-chunk (elements, 16 MB in float32). Measured on 2 CPU cores: long
 # contiguous y rows matter more than cache fit (at 256^3, chunks of 16 rows made the adjoint 3-4x
@@ -265,11 +265,6 @@ _register(
 )
 
 
-def _as_float(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-
-
 def _check_shape(x, expected, what):
     if tuple(x.shape) != tuple(expected):
         raise ValueError(f"{what} has shape {tuple(x.shape)}, expected {tuple(expected)}")
@@ -304,7 +299,7 @@ class TiltProjector(AbstractLinearOperator):
         return (self.geometry.n_tilts,) + self.volume_shape[1:]
 
     def mv(self, volume):
-        volume = _as_float(volume)
+        volume = as_float(volume)
         _check_shape(volume, self.volume_shape, "volume")
         v3 = volume[:, None, :] if volume.ndim == 2 else volume
         out = project_p.bind(v3, angles_deg=self.geometry.angles_deg)
@@ -328,7 +323,7 @@ class TiltBackprojector(AbstractLinearOperator):
     dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
 
     def mv(self, tilt_series):
-        tilt_series = _as_float(tilt_series)
+        tilt_series = as_float(tilt_series)
         shape = (self.geometry.n_tilts,) + self.volume_shape[1:]
         _check_shape(tilt_series, shape, "tilt series")
         s3 = tilt_series[:, None, :] if tilt_series.ndim == 2 else tilt_series

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..operators import AbstractLinearOperator
+from ..operators._base import as_float
 
 # Iterations per jitted call when a progress bar is shown.
 PROGRESS_CHUNK = 10
@@ -60,12 +61,6 @@ def check_scalar(value: Any, name: str, *, low: float, low_open: bool = False,
         lo = f"{'>' if low_open else '>='} {low}"
         hi = f" and < {high}" if high is not None else ""
         raise ValueError(f"{name} must be a finite number {lo}{hi}, got {v}")
-
-
-def as_float(tilt_series: Any) -> jax.Array:
-    """The data as a floating array (integers become float32)."""
-    b = jnp.asarray(tilt_series)
-    return b if jnp.issubdtype(b.dtype, jnp.floating) else b.astype(jnp.float32)
 
 
 def start(x0: Any, operator: AbstractLinearOperator, dtype) -> jax.Array:
