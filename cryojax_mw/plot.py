@@ -23,8 +23,11 @@ def _central_sections(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
         return [("z-x", v)]
     nz, ny, nx = v.shape
     # z-x holds the tilt plane (missing-wedge elongation shows along z); x-y is what people scroll.
-    return [("x-y (z centre)", v[nz // 2]), ("z-x (y centre)", v[:, ny // 2, :]),
-            ("z-y (x centre)", v[:, :, nx // 2])]
+    return [
+        ("x-y (z centre)", v[nz // 2]),
+        ("z-x (y centre)", v[:, ny // 2, :]),
+        ("z-y (x centre)", v[:, :, nx // 2]),
+    ]
 
 
 def ortho_slices(volumes: Mapping[str, np.ndarray], title: str | None = None) -> plt.Figure:
@@ -37,7 +40,9 @@ def ortho_slices(volumes: Mapping[str, np.ndarray], title: str | None = None) ->
     """
     rows = list(volumes.items())
     n_cols = len(_central_sections(rows[0][1]))
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(3.2 * n_cols, 3.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), n_cols, figsize=(3.2 * n_cols, 3.0 * len(rows)), squeeze=False
+    )
     for r, (name, vol) in enumerate(rows):
         lo, hi = np.percentile(np.asarray(vol), [1, 99])
         for c, (label, section) in enumerate(_central_sections(vol)):
@@ -55,8 +60,9 @@ def ortho_slices(volumes: Mapping[str, np.ndarray], title: str | None = None) ->
     return fig
 
 
-def fsc_curves(curves: Mapping[str, object], title: str | None = None,
-               unit: str = "1/Å") -> plt.Figure:
+def fsc_curves(
+    curves: Mapping[str, object], title: str | None = None, unit: str = "1/Å"
+) -> plt.Figure:
     """FSC curves (FSCResult-like objects with `frequency`, `fsc`) with the 0.143 and 0.5 lines.
 
     Args:

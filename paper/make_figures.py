@@ -35,15 +35,26 @@ def reconstructions(size: int = 64, seed: int = 0) -> None:
         "SIRT x20": reconstruct.sirt(data, projector, 20, nonnegative=True),
         "TV-MAP x150": reconstruct.tv_map(data, projector, lam, 150, nonnegative=True),
     }
-    volumes = {"ground truth": np.asarray(truth), **{k: np.asarray(r.volume) for k, r in results.items()}}
-    plot.save_figure(plot.ortho_slices(volumes, title="±60°, 2° steps, SNR 1"),
-                     FIGURES / "reconstructions.png")
+    volumes = {
+        "ground truth": np.asarray(truth),
+        **{k: np.asarray(r.volume) for k, r in results.items()},
+    }
+    plot.save_figure(
+        plot.ortho_slices(volumes, title="±60°, 2° steps, SNR 1"), FIGURES / "reconstructions.png"
+    )
     curves = {k: metrics.fsc(r.volume, truth, voxel_size=10.0) for k, r in results.items()}
-    plot.save_figure(plot.fsc_curves(curves, title="FSC against the ground truth"), FIGURES / "fsc.png")
-    lines = ["| method | PSNR (dB) | SSIM | FSC 0.5 resolution (Å, 10 Å voxels) |", "|---|---|---|---|"]
+    plot.save_figure(
+        plot.fsc_curves(curves, title="FSC against the ground truth"), FIGURES / "fsc.png"
+    )
+    lines = [
+        "| method | PSNR (dB) | SSIM | FSC 0.5 resolution (Å, 10 Å voxels) |",
+        "|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {float(metrics.psnr(r.volume, truth)):.2f} | "
-                     f"{float(metrics.ssim(r.volume, truth)):.3f} | {float(curves[name].resolution_05):.1f} |")
+        lines.append(
+            f"| {name} | {float(metrics.psnr(r.volume, truth)):.2f} | "
+            f"{float(metrics.ssim(r.volume, truth)):.3f} | {float(curves[name].resolution_05):.1f} |"
+        )
     _write_text(FIGURES / "reconstruction_table.md", "\n".join(lines) + "\n")
 
 

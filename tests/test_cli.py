@@ -26,8 +26,26 @@ def run(args, capsys):
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")
-    main(["simulate", "--out", str(out), "--shape", "24", "6", "32", "--tilt-range", "-60", "60",
-          "--tilt-step", "4", "--snr", "10", "--seed", "3"])
+    main(
+        [
+            "simulate",
+            "--out",
+            str(out),
+            "--shape",
+            "24",
+            "6",
+            "32",
+            "--tilt-range",
+            "-60",
+            "60",
+            "--tilt-step",
+            "4",
+            "--snr",
+            "10",
+            "--seed",
+            "3",
+        ]
+    )
     return out
 
 
@@ -44,8 +62,26 @@ def test_simulate_writes_a_consistent_dataset(simulated):
 
 
 def test_simulate_is_deterministic_by_seed(simulated, tmp_path):
-    main(["simulate", "--out", str(tmp_path), "--shape", "24", "6", "32", "--tilt-range", "-60",
-          "60", "--tilt-step", "4", "--snr", "10", "--seed", "3"])
+    main(
+        [
+            "simulate",
+            "--out",
+            str(tmp_path),
+            "--shape",
+            "24",
+            "6",
+            "32",
+            "--tilt-range",
+            "-60",
+            "60",
+            "--tilt-step",
+            "4",
+            "--snr",
+            "10",
+            "--seed",
+            "3",
+        ]
+    )
     a = (simulated / "tilt_series.mrc").read_bytes()
     assert a == (tmp_path / "tilt_series.mrc").read_bytes()
 
@@ -53,9 +89,24 @@ def test_simulate_is_deterministic_by_seed(simulated, tmp_path):
 @pytest.mark.parametrize("method", ["wbp", "sirt", "cgls", "tv"])
 def test_reconstruct_end_to_end_recovers_the_phantom(simulated, tmp_path, capsys, method):
     out = tmp_path / f"{method}.mrc"
-    code, stdout, _ = run(["reconstruct", "--tilt-series", str(simulated / "tilt_series.mrc"),
-                           "--angles", str(simulated / "angles.tlt"), "--thickness", "24",
-                           "--method", method, "--iterations", "20", "--out", str(out)], capsys)
+    code, stdout, _ = run(
+        [
+            "reconstruct",
+            "--tilt-series",
+            str(simulated / "tilt_series.mrc"),
+            "--angles",
+            str(simulated / "angles.tlt"),
+            "--thickness",
+            "24",
+            "--method",
+            method,
+            "--iterations",
+            "20",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, stdout
     volume, voxel = io.read_mrc(out)
     truth, _ = io.read_mrc(simulated / "ground_truth.mrc")
@@ -69,7 +120,9 @@ def test_reconstruct_end_to_end_recovers_the_phantom(simulated, tmp_path, capsys
 
 def test_fsc_command_prints_resolutions_and_writes_curve(simulated, tmp_path, capsys):
     truth = simulated / "ground_truth.mrc"
-    code, stdout, _ = run(["fsc", str(truth), str(truth), "--out", str(tmp_path / "fsc.json")], capsys)
+    code, stdout, _ = run(
+        ["fsc", str(truth), str(truth), "--out", str(tmp_path / "fsc.json")], capsys
+    )
     assert code == 0
     assert "0.143" in stdout and "Å" in stdout
     curve = json.loads((tmp_path / "fsc.json").read_text())
@@ -88,15 +141,37 @@ def _bad(args, capsys, expected):
 def test_angle_count_not_matching_the_tilt_series(simulated, tmp_path, capsys):
     tlt = tmp_path / "short.tlt"
     io.write_tilt_angles(tlt, np.linspace(-60, 60, 7))
-    _bad(["reconstruct", "--tilt-series", str(simulated / "tilt_series.mrc"), "--angles", str(tlt),
-          "--out", str(tmp_path / "x.mrc")], capsys, "31 images but 7 tilt angles")
+    _bad(
+        [
+            "reconstruct",
+            "--tilt-series",
+            str(simulated / "tilt_series.mrc"),
+            "--angles",
+            str(tlt),
+            "--out",
+            str(tmp_path / "x.mrc"),
+        ],
+        capsys,
+        "31 images but 7 tilt angles",
+    )
 
 
 def test_angles_outside_the_open_range(simulated, tmp_path, capsys):
     tlt = tmp_path / "steep.tlt"
     io.write_tilt_angles(tlt, np.linspace(-90, 90, 31))
-    _bad(["reconstruct", "--tilt-series", str(simulated / "tilt_series.mrc"), "--angles", str(tlt),
-          "--out", str(tmp_path / "x.mrc")], capsys, "between -90 and 90")
+    _bad(
+        [
+            "reconstruct",
+            "--tilt-series",
+            str(simulated / "tilt_series.mrc"),
+            "--angles",
+            str(tlt),
+            "--out",
+            str(tmp_path / "x.mrc"),
+        ],
+        capsys,
+        "between -90 and 90",
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Data array contains NaN")
@@ -106,23 +181,60 @@ def test_non_finite_tilt_series(tmp_path, capsys):
     path = tmp_path / "nan.mrc"
     with mrcfile.new(path) as mrc:  # the project's writer refuses NaN, other programs may not
         mrc.set_data(data)
-    _bad(["reconstruct", "--tilt-series", str(path), "--tilt-range", "-8", "8", "--tilt-step", "4",
-          "--out", str(tmp_path / "x.mrc")], capsys, "NaN")
+    _bad(
+        [
+            "reconstruct",
+            "--tilt-series",
+            str(path),
+            "--tilt-range",
+            "-8",
+            "8",
+            "--tilt-step",
+            "4",
+            "--out",
+            str(tmp_path / "x.mrc"),
+        ],
+        capsys,
+        "NaN",
+    )
 
 
 def test_unreadable_file(tmp_path, capsys):
     junk = tmp_path / "junk.mrc"
     junk.write_text("not a map")
-    _bad(["reconstruct", "--tilt-series", str(junk), "--tilt-range", "-8", "8", "--out",
-          str(tmp_path / "x.mrc")], capsys, "junk.mrc")
+    _bad(
+        [
+            "reconstruct",
+            "--tilt-series",
+            str(junk),
+            "--tilt-range",
+            "-8",
+            "8",
+            "--out",
+            str(tmp_path / "x.mrc"),
+        ],
+        capsys,
+        "junk.mrc",
+    )
     _bad(["fsc", str(tmp_path / "missing.mrc"), str(junk)], capsys, "missing.mrc")
 
 
 def test_output_equal_to_input_is_refused_and_input_kept(simulated, capsys):
     series = simulated / "tilt_series.mrc"
     before = series.read_bytes()
-    _bad(["reconstruct", "--tilt-series", str(series), "--angles", str(simulated / "angles.tlt"),
-          "--out", str(series)], capsys, "input")
+    _bad(
+        [
+            "reconstruct",
+            "--tilt-series",
+            str(series),
+            "--angles",
+            str(simulated / "angles.tlt"),
+            "--out",
+            str(series),
+        ],
+        capsys,
+        "input",
+    )
     assert series.read_bytes() == before
 
 
@@ -133,15 +245,32 @@ def test_wrong_shape_between_maps(simulated, tmp_path, capsys):
 
 
 def test_missing_angles_explains_the_options(simulated, tmp_path, capsys):
-    _bad(["reconstruct", "--tilt-series", str(simulated / "tilt_series.mrc"), "--out",
-          str(tmp_path / "x.mrc")], capsys, "--angles")
+    _bad(
+        [
+            "reconstruct",
+            "--tilt-series",
+            str(simulated / "tilt_series.mrc"),
+            "--out",
+            str(tmp_path / "x.mrc"),
+        ],
+        capsys,
+        "--angles",
+    )
 
 
 def test_help_teaches_every_command():
-    out = subprocess.run([sys.executable, "-m", "cryojax_mw.cli", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cryojax_mw.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for word in ("simulate", "reconstruct", "fsc", "demo", "(z, y, x)", "degrees"):
         assert word in out
-    sub = subprocess.run([sys.executable, "-m", "cryojax_mw.cli", "reconstruct", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    sub = subprocess.run(
+        [sys.executable, "-m", "cryojax_mw.cli", "reconstruct", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--method" in sub and "tv" in sub and "--thickness" in sub

@@ -38,14 +38,18 @@ def _write_json(path: Path, payload: dict) -> None:
     io.atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def _tilt_series_and_angles(tilt_series_path: Path, angles_path: Path | None, tilt_range, tilt_step):
+def _tilt_series_and_angles(
+    tilt_series_path: Path, angles_path: Path | None, tilt_range, tilt_step
+):
     data, voxel_size = io.read_mrc(tilt_series_path)
     if angles_path is not None:
         angles = io.read_tilt_angles(angles_path)
     elif tilt_range is not None:
         angles = TiltGeometry.from_range(tilt_range[0], tilt_range[1], tilt_step).angles_deg
     else:
-        raise UsageError("give the tilt angles: --angles FILE.tlt, or --tilt-range MIN MAX with --tilt-step")
+        raise UsageError(
+            "give the tilt angles: --angles FILE.tlt, or --tilt-range MIN MAX with --tilt-step"
+        )
     angles = np.asarray(angles, dtype=np.float64)
     if data.shape[0] != len(angles):
         raise UsageError(
@@ -79,25 +83,70 @@ def cli():
 
 
 @cli.command("simulate")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for ground_truth.mrc, tilt_series.mrc, tilt_series_clean.mrc, angles.tlt, "
-                   "simulation.json and overview.png.")
-@click.option("--shape", type=int, nargs=3, default=(64, 64, 64), show_default=True, metavar="Z Y X",
-              help="Volume size in voxels (z is the beam direction).")
-@click.option("--phantom", type=click.Choice(["shepp-logan", "blobs"]), default="shepp-logan",
-              show_default=True, help="What to image: a 3D Shepp-Logan phantom or random Gaussian blobs.")
-@click.option("--tilt-range", type=float, nargs=2, default=(-60.0, 60.0), show_default=True,
-              metavar="MIN MAX", help="First and last tilt angle in degrees.")
-@click.option("--tilt-step", type=float, default=2.0, show_default=True, help="Tilt increment in degrees.")
-@click.option("--noise", type=click.Choice(["gaussian", "poisson", "none"]), default="gaussian",
-              show_default=True, help="Noise model of the detector.")
-@click.option("--snr", type=float, default=0.1, show_default=True,
-              help="Gaussian noise: signal variance / noise variance (cryo-ET data: 0.01-0.1).")
-@click.option("--dose", type=float, default=100.0, show_default=True,
-              help="Poisson noise: electrons per pixel per tilt.")
-@click.option("--voxel-size", type=float, default=10.0, show_default=True, help="Angstrom per voxel.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for ground_truth.mrc, tilt_series.mrc, tilt_series_clean.mrc, angles.tlt, "
+    "simulation.json and overview.png.",
+)
+@click.option(
+    "--shape",
+    type=int,
+    nargs=3,
+    default=(64, 64, 64),
+    show_default=True,
+    metavar="Z Y X",
+    help="Volume size in voxels (z is the beam direction).",
+)
+@click.option(
+    "--phantom",
+    type=click.Choice(["shepp-logan", "blobs"]),
+    default="shepp-logan",
+    show_default=True,
+    help="What to image: a 3D Shepp-Logan phantom or random Gaussian blobs.",
+)
+@click.option(
+    "--tilt-range",
+    type=float,
+    nargs=2,
+    default=(-60.0, 60.0),
+    show_default=True,
+    metavar="MIN MAX",
+    help="First and last tilt angle in degrees.",
+)
+@click.option(
+    "--tilt-step", type=float, default=2.0, show_default=True, help="Tilt increment in degrees."
+)
+@click.option(
+    "--noise",
+    type=click.Choice(["gaussian", "poisson", "none"]),
+    default="gaussian",
+    show_default=True,
+    help="Noise model of the detector.",
+)
+@click.option(
+    "--snr",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Gaussian noise: signal variance / noise variance (cryo-ET data: 0.01-0.1).",
+)
+@click.option(
+    "--dose",
+    type=float,
+    default=100.0,
+    show_default=True,
+    help="Poisson noise: electrons per pixel per tilt.",
+)
+@click.option(
+    "--voxel-size", type=float, default=10.0, show_default=True, help="Angstrom per voxel."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
-def simulate_cmd(out_dir, shape, phantom, tilt_range, tilt_step, noise, snr, dose, voxel_size, seed):
+def simulate_cmd(
+    out_dir, shape, phantom, tilt_range, tilt_step, noise, snr, dose, voxel_size, seed
+):
     """Make a phantom and its noisy tilt series (with a missing wedge) from nothing.
 
     The tilt series is the phantom projected by the Joseph tilt projector at each angle, plus noise.
@@ -126,62 +175,137 @@ def simulate_cmd(out_dir, shape, phantom, tilt_range, tilt_step, noise, snr, dos
     io.write_mrc(out_dir / "tilt_series.mrc", np.asarray(noisy), voxel_size)
     io.write_mrc(out_dir / "tilt_series_clean.mrc", np.asarray(clean), voxel_size)
     io.write_tilt_angles(out_dir / "angles.tlt", geometry.angles_deg)
-    _write_json(out_dir / "simulation.json", {
-        "shape_zyx": list(shape), "phantom": phantom, "tilt_range_deg": list(tilt_range),
-        "tilt_step_deg": tilt_step, "n_tilts": geometry.n_tilts, "noise": noise, "snr": snr,
-        "dose_electrons_per_pixel": dose, "voxel_size_angstrom": voxel_size, "seed": seed,
-    })
+    _write_json(
+        out_dir / "simulation.json",
+        {
+            "shape_zyx": list(shape),
+            "phantom": phantom,
+            "tilt_range_deg": list(tilt_range),
+            "tilt_step_deg": tilt_step,
+            "n_tilts": geometry.n_tilts,
+            "noise": noise,
+            "snr": snr,
+            "dose_electrons_per_pixel": dose,
+            "voxel_size_angstrom": voxel_size,
+            "seed": seed,
+        },
+    )
     fig_path = plot.save_figure(
         plot.ortho_slices({"ground truth": np.asarray(truth)}, title="simulated phantom"),
         out_dir / "overview.png",
     )
-    click.echo(f"wrote {geometry.n_tilts} tilts of a {'x'.join(map(str, shape))} {phantom} phantom to "
-               f"{out_dir}/ (figure: {fig_path.name})")
+    click.echo(
+        f"wrote {geometry.n_tilts} tilts of a {'x'.join(map(str, shape))} {phantom} phantom to "
+        f"{out_dir}/ (figure: {fig_path.name})"
+    )
 
 
-def run_reconstruction(method, tilt_series, projector, *, iterations, lam, filter_name, nonnegative,
-                       progress):
+def run_reconstruction(
+    method, tilt_series, projector, *, iterations, lam, filter_name, nonnegative, progress
+):
     """Dispatch one reconstruction method by name (shared by `reconstruct` and `demo`)."""
     if method == "wbp":
         return reconstruct.wbp(tilt_series, projector, filter=filter_name)
     if method == "sirt":
-        return reconstruct.sirt(tilt_series, projector, iterations, nonnegative=nonnegative,
-                                progress=progress)
+        return reconstruct.sirt(
+            tilt_series, projector, iterations, nonnegative=nonnegative, progress=progress
+        )
     if method == "cgls":
         return reconstruct.cgls(tilt_series, projector, iterations, progress=progress)
-    return reconstruct.tv_map(tilt_series, projector, lam, iterations, nonnegative=nonnegative,
-                              progress=progress)
+    return reconstruct.tv_map(
+        tilt_series, projector, lam, iterations, nonnegative=nonnegative, progress=progress
+    )
 
 
 @cli.command("reconstruct")
-@click.option("--tilt-series", "tilt_series_path", type=click.Path(dir_okay=False, path_type=Path),
-              required=True, help="MRC stack (n_tilts, y, x), or a 2D sinogram (n_tilts, x).")
-@click.option("--angles", "angles_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="IMOD .tlt file, one angle (degrees) per line, in the stack's order.")
-@click.option("--tilt-range", type=float, nargs=2, metavar="MIN MAX",
-              help="Instead of --angles: evenly spaced angles from MIN to MAX degrees.")
-@click.option("--tilt-step", type=float, default=2.0, show_default=True, help="Step for --tilt-range.")
-@click.option("--thickness", type=int, help="Tomogram size along z in voxels [default: the x size].")
-@click.option("--method", type=click.Choice(METHODS), default="wbp", show_default=True,
-              help="wbp: weighted backprojection (one pass); sirt / cgls: iterative least squares; "
-                   "tv: total-variation regularised MAP (edges kept, noise removed).")
-@click.option("--iterations", type=int, default=50, show_default=True, help="Iterations of sirt/cgls/tv.")
-@click.option("--lam", type=float, default=0.1, show_default=True,
-              help="tv: regularisation weight relative to the noise scale of the data, "
-                   "std(tilt series) * sqrt(n_tilts * thickness); larger = smoother.")
-@click.option("--filter", "filter_name", type=click.Choice(FILTERS), default="ramp", show_default=True,
-              help="wbp: ramp filter window.")
-@click.option("--nonnegative/--allow-negative", default=False, show_default=True,
-              help="sirt/tv: keep voxel values >= 0.")
+@click.option(
+    "--tilt-series",
+    "tilt_series_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="MRC stack (n_tilts, y, x), or a 2D sinogram (n_tilts, x).",
+)
+@click.option(
+    "--angles",
+    "angles_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="IMOD .tlt file, one angle (degrees) per line, in the stack's order.",
+)
+@click.option(
+    "--tilt-range",
+    type=float,
+    nargs=2,
+    metavar="MIN MAX",
+    help="Instead of --angles: evenly spaced angles from MIN to MAX degrees.",
+)
+@click.option(
+    "--tilt-step", type=float, default=2.0, show_default=True, help="Step for --tilt-range."
+)
+@click.option(
+    "--thickness", type=int, help="Tomogram size along z in voxels [default: the x size]."
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="wbp",
+    show_default=True,
+    help="wbp: weighted backprojection (one pass); sirt / cgls: iterative least squares; "
+    "tv: total-variation regularised MAP (edges kept, noise removed).",
+)
+@click.option(
+    "--iterations", type=int, default=50, show_default=True, help="Iterations of sirt/cgls/tv."
+)
+@click.option(
+    "--lam",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="tv: regularisation weight relative to the noise scale of the data, "
+    "std(tilt series) * sqrt(n_tilts * thickness); larger = smoother.",
+)
+@click.option(
+    "--filter",
+    "filter_name",
+    type=click.Choice(FILTERS),
+    default="ramp",
+    show_default=True,
+    help="wbp: ramp filter window.",
+)
+@click.option(
+    "--nonnegative/--allow-negative",
+    default=False,
+    show_default=True,
+    help="sirt/tv: keep voxel values >= 0.",
+)
 @click.option("--voxel-size", type=float, help="Angstrom per voxel if the MRC header has none.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output tomogram (.mrc); OUT.json gets the residuals and OUT.png the ortho-slices.")
-def reconstruct_cmd(tilt_series_path, angles_path, tilt_range, tilt_step, thickness, method, iterations,
-                    lam, filter_name, nonnegative, voxel_size, out_path):
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Output tomogram (.mrc); OUT.json gets the residuals and OUT.png the ortho-slices.",
+)
+def reconstruct_cmd(
+    tilt_series_path,
+    angles_path,
+    tilt_range,
+    tilt_step,
+    thickness,
+    method,
+    iterations,
+    lam,
+    filter_name,
+    nonnegative,
+    voxel_size,
+    out_path,
+):
     """Reconstruct a tomogram from a tilt series and its angles."""
-    io.check_output_not_input(out_path, *[p for p in (tilt_series_path, angles_path) if p is not None])
-    data, header_voxel, geometry = _tilt_series_and_angles(tilt_series_path, angles_path, tilt_range,
-                                                           tilt_step)
+    io.check_output_not_input(
+        out_path, *[p for p in (tilt_series_path, angles_path) if p is not None]
+    )
+    data, header_voxel, geometry = _tilt_series_and_angles(
+        tilt_series_path, angles_path, tilt_range, tilt_step
+    )
     voxel = voxel_size or header_voxel
     if iterations < 1:
         raise UsageError("--iterations must be at least 1")
@@ -195,29 +319,51 @@ def reconstruct_cmd(tilt_series_path, angles_path, tilt_range, tilt_step, thickn
     projector = TiltProjector(geometry, shape)
     scaled_lam = reconstruct.tv_weight(lam, data, nz)
     start = time.perf_counter()
-    result = run_reconstruction(method, data, projector, iterations=iterations, lam=scaled_lam,
-                                filter_name=filter_name, nonnegative=nonnegative, progress=True)
+    result = run_reconstruction(
+        method,
+        data,
+        projector,
+        iterations=iterations,
+        lam=scaled_lam,
+        filter_name=filter_name,
+        nonnegative=nonnegative,
+        progress=True,
+    )
     volume = np.asarray(result.volume)
     seconds = time.perf_counter() - start
     io.write_mrc(out_path, volume, voxel)
-    _write_json(out_path.with_suffix(".json"), {
-        "method": method, "shape_zyx": list(shape), "n_tilts": geometry.n_tilts,
-        "angles_deg": list(geometry.angles_deg), "iterations": 1 if method == "wbp" else iterations,
-        "lam": scaled_lam if method == "tv" else None, "seconds": seconds,
-        "residuals": np.asarray(result.residuals).tolist(), "voxel_size_angstrom": voxel,
-        "tilt_series": str(tilt_series_path),
-    })
+    _write_json(
+        out_path.with_suffix(".json"),
+        {
+            "method": method,
+            "shape_zyx": list(shape),
+            "n_tilts": geometry.n_tilts,
+            "angles_deg": list(geometry.angles_deg),
+            "iterations": 1 if method == "wbp" else iterations,
+            "lam": scaled_lam if method == "tv" else None,
+            "seconds": seconds,
+            "residuals": np.asarray(result.residuals).tolist(),
+            "voxel_size_angstrom": voxel,
+            "tilt_series": str(tilt_series_path),
+        },
+    )
     _figure({method: volume}, out_path.with_suffix(".png"), f"{method} reconstruction")
-    click.echo(f"{method}: {'x'.join(map(str, shape))} tomogram in {seconds:.1f} s, final relative "
-               f"residual {float(result.residuals[-1]):.4f} -> {out_path}")
+    click.echo(
+        f"{method}: {'x'.join(map(str, shape))} tomogram in {seconds:.1f} s, final relative "
+        f"residual {float(result.residuals[-1]):.4f} -> {out_path}"
+    )
 
 
 @cli.command("fsc")
 @click.argument("map_a", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("map_b", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--voxel-size", type=float, help="Angstrom per voxel [default: from MAP_A's header].")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the curve to this JSON file and a plot beside it (.png).")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the curve to this JSON file and a plot beside it (.png).",
+)
 def fsc_cmd(map_a, map_b, voxel_size, out_path):
     """Fourier shell correlation of two maps, with the 0.143 and 0.5 resolutions.
 
@@ -235,20 +381,38 @@ def fsc_cmd(map_a, map_b, voxel_size, out_path):
     click.echo(f"resolution at FSC 0.143: {float(res.resolution_0143):.2f} {unit}")
     click.echo(f"resolution at FSC 0.5:   {float(res.resolution_05):.2f} {unit}")
     if out_path is not None:
-        _write_json(out_path, {
-            "map_a": str(map_a), "map_b": str(map_b), "voxel_size_angstrom": voxel,
-            "frequency": np.asarray(res.frequency).tolist(), "fsc": np.asarray(res.fsc).tolist(),
-            "resolution_0143": float(res.resolution_0143), "resolution_05": float(res.resolution_05),
-        })
-        plot.save_figure(plot.fsc_curves({f"{map_a.name} vs {map_b.name}": res},
-                                         unit="1/Å" if voxel else "1/voxel"),
-                         out_path.with_suffix(".png"))
+        _write_json(
+            out_path,
+            {
+                "map_a": str(map_a),
+                "map_b": str(map_b),
+                "voxel_size_angstrom": voxel,
+                "frequency": np.asarray(res.frequency).tolist(),
+                "fsc": np.asarray(res.fsc).tolist(),
+                "resolution_0143": float(res.resolution_0143),
+                "resolution_05": float(res.resolution_05),
+            },
+        )
+        plot.save_figure(
+            plot.fsc_curves(
+                {f"{map_a.name} vs {map_b.name}": res}, unit="1/Å" if voxel else "1/voxel"
+            ),
+            out_path.with_suffix(".png"),
+        )
 
 
 @cli.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("demo_output"), show_default=True, help="Folder for every output.")
-@click.option("--size", type=int, default=64, show_default=True, help="Cubic phantom size in voxels.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo_output"),
+    show_default=True,
+    help="Folder for every output.",
+)
+@click.option(
+    "--size", type=int, default=64, show_default=True, help="Cubic phantom size in voxels."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_cmd(out_dir, size, seed):
     """The main job on a built-in example: simulate, reconstruct four ways, compare with the truth.
@@ -270,15 +434,26 @@ def demo_cmd(out_dir, size, seed):
     io.write_mrc(out_dir / "tilt_series.mrc", np.asarray(data), voxel)
     io.write_tilt_angles(out_dir / "angles.tlt", geometry.angles_deg)
     # Iterations stop early on purpose: SIRT and CGLS fit the noise if run to convergence.
-    settings = {"wbp": dict(iterations=1), "sirt": dict(iterations=20), "cgls": dict(iterations=4),
-                "tv": dict(iterations=150)}
+    settings = {
+        "wbp": dict(iterations=1),
+        "sirt": dict(iterations=20),
+        "cgls": dict(iterations=4),
+        "tv": dict(iterations=150),
+    }
     lam = reconstruct.tv_weight(0.1, data, size)
     volumes, report, curves = {"ground truth": np.asarray(truth)}, {}, {}
     for method, opts in settings.items():
         start = time.perf_counter()
-        result = run_reconstruction(method, data, projector, iterations=opts["iterations"], lam=lam,
-                                    filter_name="hann", nonnegative=method in ("sirt", "tv"),
-                                    progress=True)
+        result = run_reconstruction(
+            method,
+            data,
+            projector,
+            iterations=opts["iterations"],
+            lam=lam,
+            filter_name="hann",
+            nonnegative=method in ("sirt", "tv"),
+            progress=True,
+        )
         volume = np.asarray(jax.block_until_ready(result.volume))
         seconds = time.perf_counter() - start
         io.write_mrc(out_dir / f"{method}.mrc", volume, voxel)
@@ -286,18 +461,32 @@ def demo_cmd(out_dir, size, seed):
         curves[method] = res
         volumes[method] = volume
         report[method] = {
-            "iterations": opts["iterations"], "seconds": seconds,
-            "psnr_db": float(metrics.psnr(volume, truth)), "ssim": float(metrics.ssim(volume, truth)),
+            "iterations": opts["iterations"],
+            "seconds": seconds,
+            "psnr_db": float(metrics.psnr(volume, truth)),
+            "ssim": float(metrics.ssim(volume, truth)),
             "fsc_0.5_resolution_angstrom": float(res.resolution_05),
             "final_relative_residual": float(result.residuals[-1]),
         }
-        click.echo(f"  {method:5s} PSNR {report[method]['psnr_db']:6.2f} dB  SSIM "
-                   f"{report[method]['ssim']:.3f}  FSC0.5 {report[method]['fsc_0.5_resolution_angstrom']:.1f} Å"
-                   f"  ({seconds:.1f} s)")
-    _write_json(out_dir / "metrics.json", {"shape_zyx": list(shape), "tilt_range_deg": [-60, 60],
-                                           "tilt_step_deg": 2, "snr": snr, "methods": report})
+        click.echo(
+            f"  {method:5s} PSNR {report[method]['psnr_db']:6.2f} dB  SSIM "
+            f"{report[method]['ssim']:.3f}  FSC0.5 {report[method]['fsc_0.5_resolution_angstrom']:.1f} Å"
+            f"  ({seconds:.1f} s)"
+        )
+    _write_json(
+        out_dir / "metrics.json",
+        {
+            "shape_zyx": list(shape),
+            "tilt_range_deg": [-60, 60],
+            "tilt_step_deg": 2,
+            "snr": snr,
+            "methods": report,
+        },
+    )
     _figure(volumes, out_dir / "demo.png", f"Shepp-Logan, ±60° tilt series at SNR {snr:g}")
-    plot.save_figure(plot.fsc_curves(curves, title="FSC against the ground truth"), out_dir / "fsc.png")
+    plot.save_figure(
+        plot.fsc_curves(curves, title="FSC against the ground truth"), out_dir / "fsc.png"
+    )
     click.echo(f"wrote tomograms, metrics.json, demo.png and fsc.png to {out_dir}/")
 
 

@@ -52,8 +52,10 @@ class TiltGeometry(eqx.Module):
     as further fields when they are.
     """
 
-    angles_deg: tuple[float, ...] = eqx.field(static=True, converter=lambda a: tuple(
-        float(v) for v in np.atleast_1d(np.asarray(a, dtype=np.float64))))
+    angles_deg: tuple[float, ...] = eqx.field(
+        static=True,
+        converter=lambda a: tuple(float(v) for v in np.atleast_1d(np.asarray(a, np.float64))),
+    )
 
     def __check_init__(self):
         a = np.asarray(self.angles_deg)
@@ -70,10 +72,6 @@ class TiltGeometry(eqx.Module):
     @property
     def n_tilts(self) -> int:
         return len(self.angles_deg)
-
-    @property
-    def angles_rad(self) -> np.ndarray:
-        return np.deg2rad(np.asarray(self.angles_deg))
 
     @classmethod
     def from_range(cls, tilt_min_deg: float, tilt_max_deg: float, step_deg: float) -> TiltGeometry:
@@ -156,7 +154,7 @@ def _adjoint_chunk(sino, angles_deg, nz, nx):
     Voxel (z, x) reads the detector at t* = x cos + z sin with the hat of width
     w = max(|cos|, |sin|), whichever direction the forward rays stepped in, so one scan over the
     angles covers both branches. Each step is the forward's pattern transposed: one detector
-    row, gathered into the whole (cache-sized) volume chunk and accumulated. Looping over slices
+    row, gathered into the whole volume chunk and accumulated. Looping over slices
     and summing over angles inside each step was 2.5x slower on CPU.
     """
     k, n_det, _ = sino.shape
@@ -285,13 +283,16 @@ class TiltProjector(AbstractLinearOperator):
     """
 
     geometry: TiltGeometry
-    volume_shape: tuple[int, ...] = eqx.field(static=True, converter=lambda s: tuple(int(v) for v in s))
+    volume_shape: tuple[int, ...] = eqx.field(
+        static=True, converter=lambda s: tuple(int(v) for v in s)
+    )
     dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
 
     def __check_init__(self):
         if len(self.volume_shape) not in (2, 3) or min(self.volume_shape) < 1:
             raise ValueError(
-                f"volume_shape must be (z, y, x) or (z, x) with positive sizes, got {self.volume_shape}"
+                "volume_shape must be (z, y, x) or (z, x) with positive sizes, "
+                f"got {self.volume_shape}"
             )
 
     @property
@@ -306,7 +307,7 @@ class TiltProjector(AbstractLinearOperator):
         return out[:, 0, :] if volume.ndim == 2 else out
 
     def transpose(self):
-        return TiltBackprojector(self.geometry, self.volume_shape, self.dtype)
+        return TiltBackprojector(self)
 
     def in_structure(self):
         return jax.ShapeDtypeStruct(self.volume_shape, self.dtype)
@@ -316,25 +317,27 @@ class TiltProjector(AbstractLinearOperator):
 
 
 class TiltBackprojector(AbstractLinearOperator):
-    """The exact adjoint of `TiltProjector`: tilt series -> volume (unfiltered backprojection)."""
+    """The exact adjoint of a `TiltProjector` (`projector.T`): tilt series -> volume.
 
-    geometry: TiltGeometry
-    volume_shape: tuple[int, ...] = eqx.field(static=True, converter=lambda s: tuple(int(v) for v in s))
-    dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
+    This is the unfiltered backprojection; `cryojax_mw.reconstruct.wbp` filters and weights first.
+    """
+
+    projector: TiltProjector
 
     def mv(self, tilt_series):
         tilt_series = as_float(tilt_series)
-        shape = (self.geometry.n_tilts,) + self.volume_shape[1:]
-        _check_shape(tilt_series, shape, "tilt series")
+        _check_shape(tilt_series, self.projector.tilt_series_shape, "tilt series")
         s3 = tilt_series[:, None, :] if tilt_series.ndim == 2 else tilt_series
-        out = backproject_p.bind(s3, angles_deg=self.geometry.angles_deg, nz=self.volume_shape[0])
+        out = backproject_p.bind(
+            s3, angles_deg=self.projector.geometry.angles_deg, nz=self.projector.volume_shape[0]
+        )
         return out[:, 0, :] if tilt_series.ndim == 2 else out
 
     def transpose(self):
-        return TiltProjector(self.geometry, self.volume_shape, self.dtype)
+        return self.projector
 
     def in_structure(self):
-        return jax.ShapeDtypeStruct((self.geometry.n_tilts,) + self.volume_shape[1:], self.dtype)
+        return self.projector.out_structure()
 
     def out_structure(self):
-        return jax.ShapeDtypeStruct(self.volume_shape, self.dtype)
+        return self.projector.in_structure()

@@ -11,7 +11,6 @@ import numpy as np
 from tqdm import tqdm
 
 from ..operators import AbstractLinearOperator
-from ..operators._base import as_float
 
 # Iterations per jitted call when a progress bar is shown.
 PROGRESS_CHUNK = 10

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..operators import AbstractLinearOperator, operator_norm
+from ..operators._base import as_float
 from ._common import (
-    as_float,
     check_data,
     check_num_iters,
     check_operator,

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..operators import TiltProjector
-from ._common import as_float, check_data, safe_norm_of
+from ..operators._base import as_float
+from ._common import check_data, safe_norm_of
 from ._result import Reconstruction
 
 FILTERS = ("ramp", "shepp-logan", "hann")
