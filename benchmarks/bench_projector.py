@@ -14,7 +14,7 @@ detector; seed 0) with 61 tilts from -60 to 60 degrees in steps of 2, and times:
 - 512^3 forward projection for the project alone, in a child process whose peak resident memory
   (its own VmHWM) is reported, so the parent's memory does not count.
 
-Warm-up calls (JIT compilation) are excluded; the median of 7 calls (3 for calls over 1 s) is
+Warm-up calls (JIT compilation) are excluded; the median of 15 calls (3 for calls over 1 s) is
 reported, with the ratio project / peer beside the absolute times. Forward projections of the
 project and ASTRA are compared (relative L2 difference after a least-squares scale fit).
 
@@ -498,7 +498,7 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu_model']}, {m['cores']} cores usable, {m['memory_gb']} GB; "
         f"jax {v.get('jax')}, astra-toolbox {v.get('astra-toolbox')}, scikit-image "
         f"{v.get('scikit-image')}; {m['date_utc']}. float32, {len(TILTS_DEG)} tilts "
-        f"(-60..60 step 2). Median of 7 calls (3 above 1 s) after a warm-up; ratio = project / peer "
+        f"(-60..60 step 2). Median of 15 calls (3 above 1 s) after a warm-up; ratio = project / peer "
         f"(below 1: the project is faster). All three run on one core: XLA:CPU executes these "
         f"kernels single-threaded (the same times pinned to one core), and ASTRA's CPU "
         f"projectors and scikit-image are single-threaded.",
@@ -580,7 +580,7 @@ def main(argv=None) -> int:
             "tilts_deg": "-60..60 step 2 (61 tilts)",
             "volume": f"uniform [0,1) inside the inscribed disc/cylinder, seed {SEED}",
             "sirt_iterations": SIRT_ITERS,
-            "timing": "median after one excluded warm-up call; 7 calls, 3 if a call takes over 1 s",
+            "timing": "median after one excluded warm-up call; 15 calls, 3 if a call takes over 1 s",
         },
         "cases": cases,
     }
