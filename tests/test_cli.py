@@ -138,39 +138,23 @@ def _bad(args, capsys, expected):
     assert "Traceback" not in err
 
 
-def test_angle_count_not_matching_the_tilt_series(simulated, tmp_path, capsys):
-    tlt = tmp_path / "short.tlt"
-    io.write_tilt_angles(tlt, np.linspace(-60, 60, 7))
+@pytest.mark.parametrize(
+    ("angles", "expected"),
+    [
+        (np.linspace(-60, 60, 7), "31 images but 7 tilt angles"),
+        (np.linspace(-90, 90, 31), "between -90 and 90"),
+    ],
+    ids=["angle-count-not-matching", "angles-outside-the-open-range"],
+)
+def test_bad_tilt_angles(simulated, tmp_path, capsys, angles, expected):
+    tlt = tmp_path / "bad.tlt"
+    io.write_tilt_angles(tlt, angles)
+    series = str(simulated / "tilt_series.mrc")
+    out = str(tmp_path / "x.mrc")
     _bad(
-        [
-            "reconstruct",
-            "--tilt-series",
-            str(simulated / "tilt_series.mrc"),
-            "--angles",
-            str(tlt),
-            "--out",
-            str(tmp_path / "x.mrc"),
-        ],
+        ["reconstruct", "--tilt-series", series, "--angles", str(tlt), "--out", out],
         capsys,
-        "31 images but 7 tilt angles",
-    )
-
-
-def test_angles_outside_the_open_range(simulated, tmp_path, capsys):
-    tlt = tmp_path / "steep.tlt"
-    io.write_tilt_angles(tlt, np.linspace(-90, 90, 31))
-    _bad(
-        [
-            "reconstruct",
-            "--tilt-series",
-            str(simulated / "tilt_series.mrc"),
-            "--angles",
-            str(tlt),
-            "--out",
-            str(tmp_path / "x.mrc"),
-        ],
-        capsys,
-        "between -90 and 90",
+        expected,
     )
 
 
