@@ -23,29 +23,13 @@ def run(args, capsys):
     return code, out.out, out.err
 
 
+SIMULATE = "simulate --shape 24 6 32 --tilt-range -60 60 --tilt-step 4 --snr 10 --seed 3".split()
+
+
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")
-    main(
-        [
-            "simulate",
-            "--out",
-            str(out),
-            "--shape",
-            "24",
-            "6",
-            "32",
-            "--tilt-range",
-            "-60",
-            "60",
-            "--tilt-step",
-            "4",
-            "--snr",
-            "10",
-            "--seed",
-            "3",
-        ]
-    )
+    main([*SIMULATE, "--out", str(out)])
     return out
 
 
@@ -62,26 +46,7 @@ def test_simulate_writes_a_consistent_dataset(simulated):
 
 
 def test_simulate_is_deterministic_by_seed(simulated, tmp_path):
-    main(
-        [
-            "simulate",
-            "--out",
-            str(tmp_path),
-            "--shape",
-            "24",
-            "6",
-            "32",
-            "--tilt-range",
-            "-60",
-            "60",
-            "--tilt-step",
-            "4",
-            "--snr",
-            "10",
-            "--seed",
-            "3",
-        ]
-    )
+    main([*SIMULATE, "--out", str(tmp_path)])
     a = (simulated / "tilt_series.mrc").read_bytes()
     assert a == (tmp_path / "tilt_series.mrc").read_bytes()
 
