@@ -148,14 +148,11 @@ class ScaledOperator(AbstractLinearOperator):
         return self.operator.out_structure()
 
 
-class IdentityOperator(AbstractLinearOperator):
-    """x -> x on arrays of a given shape."""
+class AbstractSelfAdjointOperator(AbstractLinearOperator):
+    """An operator on arrays of `shape` that is its own adjoint (subclasses define `mv`)."""
 
-    shape: tuple[int, ...] = eqx.field(static=True)
-    dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
-
-    def mv(self, x):
-        return x
+    shape: eqx.AbstractVar[tuple[int, ...]]
+    dtype: eqx.AbstractVar[jnp.dtype]
 
     def transpose(self):
         return self
@@ -165,3 +162,13 @@ class IdentityOperator(AbstractLinearOperator):
 
     def out_structure(self):
         return self.in_structure()
+
+
+class IdentityOperator(AbstractSelfAdjointOperator):
+    """x -> x on arrays of a given shape."""
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True, default=jnp.float32)
+
+    def mv(self, x):
+        return x

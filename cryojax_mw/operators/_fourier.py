@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._base import AbstractLinearOperator, as_float
+from ._base import AbstractSelfAdjointOperator, as_float
 
 
 def _half_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -214,7 +214,7 @@ def _as_real_mask(mask, what) -> jax.Array:
     return mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask.astype(jnp.float32)
 
 
-class FourierMaskOperator(AbstractLinearOperator):
+class FourierMaskOperator(AbstractSelfAdjointOperator):
     """x -> irfftn(mask * rfftn(x)): a real Fourier multiplier, exactly self-adjoint.
 
     Args:
@@ -264,15 +264,6 @@ class FourierMaskOperator(AbstractLinearOperator):
             )
         spec = jnp.fft.rfftn(x)
         return jnp.fft.irfftn(self.mask.astype(x.dtype) * spec, s=self.shape).astype(x.dtype)
-
-    def transpose(self):
-        return self
-
-    def in_structure(self):
-        return jax.ShapeDtypeStruct(self.shape, self.dtype)
-
-    def out_structure(self):
-        return self.in_structure()
 
 
 @jax.jit
