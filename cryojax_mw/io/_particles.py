@@ -202,8 +202,8 @@ def write_particles_star(path: str | os.PathLike, particles: ParticleList) -> Pa
     """
     n = len(particles)
     table = {"rlnTomoName": pd.Series([particles.tomo_name] * n, dtype=object)}
-    for axis, label in enumerate(_STAR_COORDINATES[::-1]):
-        table[label] = particles.positions[:, 2 - axis]
+    for axis in (2, 1, 0):  # RELION's X, Y, Z column order
+        table[_STAR_COORDINATES[axis]] = particles.positions[:, axis]
     for axis, label in enumerate(_STAR_ANGLES):
         table[label] = particles.angles_deg[:, axis]
     table["rlnClassNumber"] = particles.class_ids
