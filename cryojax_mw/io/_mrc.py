@@ -218,8 +218,14 @@ def _voxel_size(
     return float(str(np.float32(sizes[0])))
 
 
-def write_mrc(path: str | os.PathLike, array, voxel_size: float | None) -> Path:
-    """Write a 2D or 3D array as a float32 MRC file, atomically.
+# Integer modes MRC2014 defines, for label maps; everything else is written as float32.
+_INTEGER_MODES = (np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.uint16))
+
+
+def write_mrc(
+    path: str | os.PathLike, array, voxel_size: float | None, *, dtype=np.float32
+) -> Path:
+    """Write a 2D or 3D array as an MRC file (float32 by default), atomically.
 
     The file is written next to `path` under a temporary name and renamed over it only once
     complete, so a failed write leaves no partial file and an existing file untouched. Missing
@@ -231,6 +237,8 @@ def write_mrc(path: str | os.PathLike, array, voxel_size: float | None) -> Path:
             any numeric dtype (NumPy or JAX), converted to float32.
         voxel_size: voxel size in Angstrom (positive), or `None` to write a header without one
             (cell size 0).
+        dtype: float32, or int8 / int16 / uint16 for label maps (the values must be integers
+            that fit that type).
 
     Returns:
         The destination path.
@@ -240,6 +248,17 @@ def write_mrc(path: str | os.PathLike, array, voxel_size: float | None) -> Path:
             float32 range) or bad voxel size.
     """
     data = _as_float32_map(array)
+    dtype = np.dtype(dtype)
+    if dtype in _INTEGER_MODES:
+        info = np.iinfo(dtype)
+        if np.any(data != np.round(data)) or data.min() < info.min or data.max() > info.max:
+            raise ValueError(
+                f"an {dtype} MRC file holds integers in [{info.min}, {info.max}]; these data "
+                f"range over [{data.min():g}, {data.max():g}] or are not integers"
+            )
+        data = data.astype(dtype)
+    elif dtype != np.float32:
+        raise ValueError(f"MRC files are written as float32, int8, int16 or uint16, not {dtype}")
     if voxel_size is not None:
         voxel_size = float(voxel_size)
         if not (np.isfinite(voxel_size) and voxel_size > 0):
