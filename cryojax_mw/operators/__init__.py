@@ -7,6 +7,7 @@ from ._base import (
     ScaledOperator,
     SumOperator,
 )
+from ._ctf import CTFOperator, ctf_2d, electron_wavelength, phase_flip
 from ._fourier import (
     FourierMaskOperator,
     missing_pyramid_mask,
@@ -20,6 +21,7 @@ from ._tilt import TiltBackprojector, TiltGeometry, TiltProjector
 
 __all__ = [
     "AbstractLinearOperator",
+    "CTFOperator",
     "ComposedOperator",
     "FourierMaskOperator",
     "IdentityOperator",
@@ -30,10 +32,13 @@ __all__ = [
     "TiltProjector",
     "add_gaussian_noise",
     "add_poisson_noise",
+    "ctf_2d",
+    "electron_wavelength",
     "gaussian_sigma_for_snr",
     "missing_pyramid_mask",
     "missing_wedge_mask",
     "operator_norm",
     "periodic_plus_smooth",
+    "phase_flip",
     "project_observed",
 ]
