@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cryojax_mw.io import (
+    _mrc,
     atomic_write,
     check_output_not_input,
     read_mrc,
@@ -20,7 +21,6 @@ from cryojax_mw.io import (
     write_mrc,
     write_tilt_angles,
 )
-from cryojax_mw.io import _mrc
 
 EXAMPLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mrc_examples"
 needs_examples = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="shared/data not present")
@@ -231,6 +231,38 @@ def test_write_mrc_rejects_bad_input_with_a_clear_message(tmp_path, array, voxel
     with pytest.raises(ValueError, match=message):
         write_mrc(tmp_path / "bad.mrc", array, voxel_size)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16])
+def test_label_maps_are_written_as_integers_and_read_back_exactly(tmp_path, dtype):
+    info = np.iinfo(dtype)
+    labels = np.array([[[info.min, 0], [1, info.max]]], dtype=np.int64)
+    write_mrc(tmp_path / "labels.mrc", labels, 10.0, dtype=dtype)
+    with mrcfile.open(tmp_path / "labels.mrc") as mrc:
+        assert mrc.data.dtype == dtype
+    np.testing.assert_array_equal(read_mrc(tmp_path / "labels.mrc")[0], labels)
+
+
+@pytest.mark.parametrize(
+    "array, dtype, message",
+    [
+        (np.array([[0.5, 1.0]]), np.int8, "not integers"),
+        (np.array([[0, 300]]), np.int8, r"\[-128, 127\]"),
+        (np.array([[-1, 3]]), np.uint16, r"\[0, 65535\]"),
+        (np.array([[1, 2]]), np.float64, "float32, int8, int16 or uint16"),
+    ],
+)
+def test_integer_mrc_output_refuses_values_that_do_not_fit(tmp_path, array, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        write_mrc(tmp_path / "bad.mrc", array, 10.0, dtype=dtype)
+
+
+def test_the_same_data_gives_the_same_bytes(tmp_path):
+    # mrcfile's default header label holds the time of writing; ours does not.
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    a = write_mrc(tmp_path / "a.mrc", data, 10.0).read_bytes()
+    b = write_mrc(tmp_path / "b.mrc", data, 10.0).read_bytes()
+    assert a == b
 
 
 def test_read_mrc_missing_file_names_the_path(tmp_path):

@@ -410,3 +410,11 @@ def test_failed_write_leaves_the_previous_file_untouched(tmp_path, monkeypatch, 
         WRITERS[suffix](path, _random_list(seed=2, n=5))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("suffix", [".star", ".csv"])
+def test_the_same_list_gives_the_same_bytes(tmp_path, suffix):
+    particles = _random_list(seed=5, n=9)
+    a = WRITERS[suffix](tmp_path / f"a{suffix}", particles).read_bytes()
+    b = WRITERS[suffix](tmp_path / f"b{suffix}", particles).read_bytes()
+    assert a == b

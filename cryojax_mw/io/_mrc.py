@@ -271,6 +271,8 @@ def write_mrc(
     def write(tmp: Path) -> None:
         with mrcfile.new(tmp, data=data, compression=compression, overwrite=True) as mrc:
             mrc.voxel_size = 0.0 if voxel_size is None else voxel_size
+            # mrcfile's default label carries the time; a fixed one keeps equal data byte-identical.
+            mrc.header.label[0] = "written by cryojax_mw"
 
     return atomic_write(path, write)
 

@@ -224,6 +224,9 @@ def write_particles_star(path: str | os.PathLike, particles: ParticleList) -> Pa
 
     def write(tmp: Path) -> None:
         starfile.write(blocks, tmp, float_format=_float_repr)
+        # starfile stamps the time in a first comment line; without it, same list, same bytes.
+        lines = tmp.read_text().splitlines(keepends=True)
+        tmp.write_text("".join(line for line in lines if not line.startswith("# Created by")))
 
     return atomic_write(path, write)
 
