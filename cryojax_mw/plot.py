@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import ListedColormap
 
 
 def _central_sections(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -30,13 +31,20 @@ def _central_sections(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
     ]
 
 
-def ortho_slices(volumes: Mapping[str, np.ndarray], title: str | None = None) -> plt.Figure:
+def ortho_slices(
+    volumes: Mapping[str, np.ndarray],
+    title: str | None = None,
+    *,
+    categorical: Collection[str] = (),
+) -> plt.Figure:
     """Central sections of each volume (rows) through its centre (columns).
 
     Args:
         volumes: name -> (z, y, x) volume or (z, x) image, shown in the given order. Each row has its
             own grey scale (1st to 99th percentile) so noisy and clean volumes stay readable.
         title: optional figure title.
+        categorical: names of label maps (integers, 0 = background) to draw with one colour per
+            value instead of a grey scale.
     """
     rows = list(volumes.items())
     n_cols = len(_central_sections(rows[0][1]))
@@ -44,10 +52,17 @@ def ortho_slices(volumes: Mapping[str, np.ndarray], title: str | None = None) ->
         len(rows), n_cols, figsize=(3.2 * n_cols, 3.0 * len(rows)), squeeze=False
     )
     for r, (name, vol) in enumerate(rows):
-        lo, hi = np.percentile(np.asarray(vol), [1, 99])
+        if name in categorical:
+            n_labels = max(int(np.max(vol)), 1)
+            colours = plt.get_cmap("tab20")(np.arange(n_labels) % 20)
+            cmap = ListedColormap(np.vstack([[0.0, 0.0, 0.0, 1.0], colours]))
+            lo, hi = -0.5, n_labels + 0.5
+        else:
+            cmap = "gray"
+            lo, hi = np.percentile(np.asarray(vol), [1, 99])
         for c, (label, section) in enumerate(_central_sections(vol)):
             ax = axes[r, c]
-            ax.imshow(section, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
+            ax.imshow(section, cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
