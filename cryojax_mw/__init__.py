@@ -7,11 +7,21 @@ sizes in Angstrom travel with the data. Sub-packages: `operators`, `reconstruct`
 """
 
 from . import io, metrics, operators, reconstruct, simulate
-from .io import read_mrc, read_tilt_angles, write_mrc, write_tilt_angles
+from .io import (
+    ParticleList,
+    read_mrc,
+    read_particles,
+    read_tilt_angles,
+    write_mrc,
+    write_particles_csv,
+    write_particles_star,
+    write_tilt_angles,
+)
 from .metrics import FSCResult, ccc, fsc, psnr, ssim
 from .operators import (
     AbstractLinearOperator,
     ComposedOperator,
+    CTFOperator,
     FourierMaskOperator,
     IdentityOperator,
     ScaledOperator,
@@ -21,26 +31,39 @@ from .operators import (
     TiltProjector,
     add_gaussian_noise,
     add_poisson_noise,
+    ctf_2d,
+    electron_wavelength,
     gaussian_sigma_for_snr,
     missing_pyramid_mask,
     missing_wedge_mask,
     operator_norm,
     periodic_plus_smooth,
+    phase_flip,
     project_observed,
 )
 from .reconstruct import Reconstruction, cgls, sirt, tv_map, tv_weight, wbp
-from .simulate import random_blobs, shepp_logan
+from .simulate import (
+    SimulationConfig,
+    load_template,
+    random_blobs,
+    shepp_logan,
+    simulate_tomogram,
+    write_dataset,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AbstractLinearOperator",
+    "CTFOperator",
     "ComposedOperator",
     "FSCResult",
     "FourierMaskOperator",
     "IdentityOperator",
+    "ParticleList",
     "Reconstruction",
     "ScaledOperator",
+    "SimulationConfig",
     "SumOperator",
     "TiltBackprojector",
     "TiltGeometry",
@@ -49,28 +72,37 @@ __all__ = [
     "add_poisson_noise",
     "ccc",
     "cgls",
+    "ctf_2d",
+    "electron_wavelength",
     "fsc",
     "gaussian_sigma_for_snr",
     "io",
+    "load_template",
     "metrics",
     "missing_pyramid_mask",
     "missing_wedge_mask",
     "operator_norm",
     "operators",
     "periodic_plus_smooth",
+    "phase_flip",
     "project_observed",
     "psnr",
     "random_blobs",
     "read_mrc",
+    "read_particles",
     "read_tilt_angles",
     "reconstruct",
     "shepp_logan",
     "simulate",
+    "simulate_tomogram",
     "sirt",
     "ssim",
     "tv_map",
     "tv_weight",
     "wbp",
+    "write_dataset",
     "write_mrc",
+    "write_particles_csv",
+    "write_particles_star",
     "write_tilt_angles",
 ]

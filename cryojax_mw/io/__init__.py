@@ -1,4 +1,5 @@
-"""Files in and out: MRC maps (with their voxel size in Angstrom) and IMOD tilt-angle files.
+"""Files in and out: MRC maps (with their voxel size in Angstrom), IMOD tilt-angle files and particle
+lists (RELION STAR and CSV).
 
 Every writer is atomic (a temporary file renamed over the destination), and
 `check_output_not_input` lets command-line tools refuse to overwrite their inputs.
