@@ -214,7 +214,15 @@ def test_help_teaches_every_command():
         text=True,
         check=True,
     ).stdout
-    for word in ("simulate", "reconstruct", "fsc", "demo", "(z, y, x)", "degrees"):
+    for word in (
+        "simulate",
+        "simulate-dataset",
+        "reconstruct",
+        "fsc",
+        "demo",
+        "(z, y, x)",
+        "degrees",
+    ):
         assert word in out
     sub = subprocess.run(
         [sys.executable, "-m", "cryojax_mw.cli", "reconstruct", "--help"],
@@ -223,3 +231,73 @@ def test_help_teaches_every_command():
         check=True,
     ).stdout
     assert "--method" in sub and "tv" in sub and "--thickness" in sub
+    sub = subprocess.run(
+        [sys.executable, "-m", "cryojax_mw.cli", "simulate-dataset", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--list-classes" in sub and "rlnCoordinateX" in sub and "Example" in sub
+
+
+DATASET = (
+    "simulate-dataset --n-tomograms 1 --shape 32 64 64 --classes 1bxn,3qm1 --n-particles 5 "
+    "--vesicles 0 --decoys 2 --tilt-step 6 --seed 2"
+).split()
+
+
+def test_simulate_dataset_writes_a_dataset_and_tells_where(tmp_path, capsys):
+    code, stdout, _ = run([*DATASET, "--out", str(tmp_path), "--ctf"], capsys)
+    assert code == 0 and "1 tomogram(s) with 5 particles of 2 classes" in stdout
+    params = json.loads((tmp_path / "parameters.json").read_text())
+    assert params["config"]["defocus"] == 3.0 and params["config"]["classes"] == ["1bxn", "3qm1"]
+    particles = io.read_particles(tmp_path / "tomo_000_particles.star")
+    assert len(particles) == 5 and particles.class_names == ("1bxn", "3qm1")
+    labels, voxel = io.read_mrc(tmp_path / "tomo_000_labels.mrc")
+    assert labels.shape == (32, 64, 64) and voxel == 10.0
+    assert (tmp_path / "tomo_000_overview.png").stat().st_size > 1000
+
+
+def test_simulate_dataset_lists_classes(capsys):
+    code, stdout, _ = run(["simulate-dataset", "--list-classes"], capsys)
+    assert code == 0 and "4v4r" in stdout.split() and "1bxn" in stdout.split()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--classes", "1bxn,ribosome"], "unknown class 'ribosome'"),
+        (["--n-particles", "500"], "could not fit"),
+        (["--shape", "16", "64", "64"], "does not fit"),
+        (["--occupancy", "0.9"], "cannot be reached"),
+    ],
+)
+def test_simulate_dataset_bad_input_says_what_to_change(tmp_path, capsys, extra, message):
+    args = (
+        [a for a in DATASET if a not in ("--n-particles", "5")]
+        if "--occupancy" in extra
+        else DATASET
+    )
+    code, _, stderr = run([*args, *extra, "--out", str(tmp_path / "out")], capsys)
+    # Progress bars may come first; the answer is one last line.
+    last = stderr.strip().splitlines()[-1]
+    assert code == 2 and message in last and last.startswith("error:")
+    assert "Traceback" not in stderr
+
+
+def test_simulate_dataset_refuses_a_template_that_is_not_a_density_map(tmp_path, capsys):
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "junk.mrc").write_bytes(b"not an mrc file at all" * 100)
+    code, _, stderr = run(
+        [
+            *DATASET,
+            "--templates",
+            str(tmp_path / "maps"),
+            "--classes",
+            "junk",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "junk.mrc is not a readable MRC file" in stderr

@@ -5,6 +5,8 @@ Orientations follow RELION's ZYZ Euler convention (see `euler_zyz_to_matrix`).
 """
 
 from ._acquisition import (
+    NOISE_MODELS,
+    TILT_ORDERS,
     TiltSeriesSimulation,
     acquisition_order,
     exposure_attenuation,
@@ -24,9 +26,11 @@ from ._rotations import euler_zyz_to_matrix, matrix_to_euler_zyz, random_euler_z
 from ._templates import Template, available_templates, default_template_folder, load_template
 
 __all__ = [
+    "NOISE_MODELS",
     "SHREC_CLASSES",
     "SimulatedTomogram",
     "SimulationConfig",
+    "TILT_ORDERS",
     "Template",
     "TiltSeriesSimulation",
     "acquisition_order",

@@ -160,6 +160,22 @@ class SimulationConfig:
             "amplitude_contrast": self.amplitude_contrast,
         }
 
+    def load_templates(self) -> list[Template]:
+        """The classes' templates at this voxel size; a clear error if one is missing, not a
+        density map, or too big for the volume."""
+        templates = [
+            load_template(c, self.voxel_size, folder=self.templates, mask_level=self.mask_level)
+            for c in self.classes
+        ]
+        for t in templates:
+            if any(t.density.shape[0] > n for n in self.shape):
+                raise ValueError(
+                    f"class {t.name} is {t.density.shape[0]} voxels across at {self.voxel_size} Å "
+                    f"and does not fit in a {self.shape} volume; enlarge the volume or the voxel "
+                    "size"
+                )
+        return templates
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -362,16 +378,7 @@ def simulate_tomogram(
     Returns:
         A `SimulatedTomogram`.
     """
-    templates = [
-        load_template(c, config.voxel_size, folder=config.templates, mask_level=config.mask_level)
-        for c in config.classes
-    ]
-    for t in templates:
-        if any(t.density.shape[0] > n for n in config.shape):
-            raise ValueError(
-                f"class {t.name} is {t.density.shape[0]} voxels across at {config.voxel_size} Å "
-                f"and does not fit in a {config.shape} volume; enlarge the volume or the voxel size"
-            )
+    templates = config.load_templates()
     key_sample, key_acquisition = jax.random.split(key)
     canvas, (particles, instances, particle_voxels), bodies = _place_sample(
         _rng(key_sample), config, templates, name, progress
@@ -475,6 +482,7 @@ def write_dataset(
     """
     if n_tomograms < 1:
         raise ValueError(f"n_tomograms must be >= 1, got {n_tomograms}")
+    config.load_templates()  # bad classes fail before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = {"config": config.to_json(), "seed": int(seed), "n_tomograms": int(n_tomograms),
