@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/bench_projector.py
+	$(PY) benchmarks/bench_simulate.py
 
 notebooks: $(STAMP)
 	$(PY) notebooks/run_notebooks.py

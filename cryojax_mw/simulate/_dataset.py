@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..io import (
     ParticleList,
