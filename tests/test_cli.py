@@ -8,7 +8,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryojax_mw import io
+from cryojax_mw import io, metrics
 from cryojax_mw.cli import main
 
 
@@ -301,3 +301,44 @@ def test_simulate_dataset_refuses_a_template_that_is_not_a_density_map(tmp_path,
         capsys,
     )
     assert code == 2 and "junk.mrc is not a readable MRC file" in stderr
+
+
+def test_phase_flipping_undoes_the_simulated_ctf(tmp_path, capsys):
+    """Between the CTF's first and second zeros (8 um underfocus, 300 kV: 1/39.7 and 1/28.1 per
+    Angstrom) the CTF is negative: there the unflipped tomogram anti-correlates with its truth and
+    the phase-flipped one correlates."""
+    code, _, _ = run(
+        [*DATASET, "--out", str(tmp_path), "--ctf", "--defocus", "8", "--snr", "5"], capsys
+    )
+    assert code == 0
+    truth, _ = io.read_mrc(tmp_path / "tomo_000_ground_truth.mrc")
+    band_fsc = {}
+    for flip in ([], ["--phase-flip", "8"]):
+        out = tmp_path / f"rec{len(flip)}.mrc"
+        args = ["reconstruct", "--tilt-series", str(tmp_path / "tomo_000_tilt_series.mrc"),
+                "--angles", str(tmp_path / "tomo_000_tilt_series.tlt"), "--thickness", "32",
+                "--filter", "hann", "--out", str(out), *flip]  # fmt: skip
+        assert run(args, capsys)[0] == 0
+        volume, _ = io.read_mrc(out)
+        result = metrics.fsc(volume, truth, voxel_size=10.0)
+        f = np.asarray(result.frequency)
+        band = (f > 1 / 37.0) & (f < 1 / 30.0)
+        band_fsc[bool(flip)] = float(np.mean(np.asarray(result.fsc)[band]))
+    assert band_fsc[False] < -0.1 and band_fsc[True] > 0.1
+    assert json.loads((tmp_path / "rec2.json").read_text())["phase_flip_defocus_um"] == 8.0
+
+
+def test_phase_flip_needs_images_and_a_pixel_size(simulated, tmp_path, capsys):
+    code, _, stderr = run(
+        ["reconstruct", "--tilt-series", str(simulated / "tilt_series.mrc"), "--angles",
+         str(simulated / "angles.tlt"), "--phase-flip", "3", "--out", str(tmp_path / "r.mrc")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0  # the simulate command writes a voxel size
+    io.write_mrc(tmp_path / "nopix.mrc", io.read_mrc(simulated / "tilt_series.mrc")[0], None)
+    code, _, stderr = run(
+        ["reconstruct", "--tilt-series", str(tmp_path / "nopix.mrc"), "--angles",
+         str(simulated / "angles.tlt"), "--phase-flip", "3", "--out", str(tmp_path / "r2.mrc")],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "give --voxel-size" in stderr

@@ -17,7 +17,9 @@ from ..operators import (
     TiltProjector,
     add_gaussian_noise,
     add_poisson_noise,
+    ctf_2d,
     gaussian_sigma_for_snr,
+    phase_flip,
 )
 
 METHODS = ("wbp", "sirt", "cgls", "tv")
@@ -200,6 +202,23 @@ def simulate_cmd(
     )
 
 
+def _microscope_options(command):
+    """--voltage, --cs and --amplitude-contrast: the CTF's microscope, shared by the commands."""
+    for option in reversed([
+        click.option("--voltage", type=float, default=300.0, show_default=True, help="CTF: kV."),
+        click.option(
+            "--cs", type=float, default=2.7, show_default=True,
+            help="CTF: spherical aberration, mm.",
+        ),
+        click.option(
+            "--amplitude-contrast", type=float, default=0.07, show_default=True,
+            help="CTF: amplitude contrast fraction.",
+        ),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
+
+
 def _list_classes(ctx, _param, value):
     """--list-classes: print the shipped (or --templates) class names and stop."""
     if not value or ctx.resilient_parsing:
@@ -310,9 +329,7 @@ def _list_classes(ctx, _param, value):
 @click.option(
     "--defocus", type=float, default=3.0, show_default=True, help="CTF underfocus, micrometres."
 )
-@click.option("--voltage", type=float, default=300.0, show_default=True, help="kV.")
-@click.option("--cs", type=float, default=2.7, show_default=True, help="Spherical aberration, mm.")
-@click.option("--amplitude-contrast", type=float, default=0.07, show_default=True)
+@_microscope_options
 @click.option(
     "--filter",
     "filter_name",
@@ -457,6 +474,15 @@ def run_reconstruction(
     show_default=True,
     help="sirt/tv: keep voxel values >= 0.",
 )
+@click.option(
+    "--phase-flip",
+    "phase_flip_um",
+    type=float,
+    metavar="DEFOCUS_UM",
+    help="CTF correction first: flip the phases of each tilt for this underfocus (micrometres), "
+    "as a tilt series from `simulate-dataset --ctf` needs.",
+)
+@_microscope_options
 @click.option("--voxel-size", type=float, help="Angstrom per voxel if the MRC header has none.")
 @click.option(
     "--out",
@@ -476,6 +502,10 @@ def reconstruct_cmd(
     lam,
     filter_name,
     nonnegative,
+    phase_flip_um,
+    voltage,
+    cs,
+    amplitude_contrast,
     voxel_size,
     out_path,
 ):
@@ -496,6 +526,14 @@ def reconstruct_cmd(
     if nz < 1:
         raise UsageError("--thickness must be at least 1")
     shape = (nz, nx) if data.ndim == 2 else (nz, data.shape[1], nx)
+    if phase_flip_um is not None:
+        if data.ndim != 3:
+            raise UsageError("--phase-flip needs a tilt series of images (n_tilts, y, x)")
+        if voxel is None:
+            raise UsageError("--phase-flip needs the pixel size: give --voxel-size")
+        ctf = ctf_2d(data.shape[1:], voxel, phase_flip_um, voltage_kv=voltage, cs_mm=cs,
+                     amplitude_contrast=amplitude_contrast)  # fmt: skip
+        data = np.asarray(phase_flip(data, ctf))
     projector = TiltProjector(geometry, shape)
     scaled_lam = reconstruct.tv_weight(lam, data, nz)
     start = time.perf_counter()
@@ -525,6 +563,7 @@ def reconstruct_cmd(
             "residuals": np.asarray(result.residuals).tolist(),
             "voxel_size_angstrom": voxel,
             "tilt_series": str(tilt_series_path),
+            "phase_flip_defocus_um": phase_flip_um,
         },
     )
     _figure({method: volume}, out_path.with_suffix(".png"), f"{method} reconstruction")
