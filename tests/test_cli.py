@@ -207,13 +207,17 @@ def test_missing_angles_explains_the_options(simulated, tmp_path, capsys):
     )
 
 
-def test_help_teaches_every_command():
-    out = subprocess.run(
-        [sys.executable, "-m", "cryojax_mw.cli", "--help"],
+def _help(*command: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "cryojax_mw.cli", *command, "--help"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
+
+def test_help_teaches_every_command():
+    out = _help()
     for word in (
         "simulate",
         "simulate-dataset",
@@ -224,19 +228,9 @@ def test_help_teaches_every_command():
         "degrees",
     ):
         assert word in out
-    sub = subprocess.run(
-        [sys.executable, "-m", "cryojax_mw.cli", "reconstruct", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "--method" in sub and "tv" in sub and "--thickness" in sub
-    sub = subprocess.run(
-        [sys.executable, "-m", "cryojax_mw.cli", "simulate-dataset", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    sub = _help("reconstruct")
+    assert "--method" in sub and "tv" in sub and "--thickness" in sub and "--phase-flip" in sub
+    sub = _help("simulate-dataset")
     assert "--list-classes" in sub and "rlnCoordinateX" in sub and "Example" in sub
 
 

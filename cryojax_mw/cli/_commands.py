@@ -64,6 +64,22 @@ def _figure(volumes: dict, path: Path, title: str) -> Path:
     return plot.save_figure(plot.ortho_slices(volumes, title=title), path)
 
 
+def _tilt_scheme_options(command):
+    """--tilt-range and --tilt-step of the commands that simulate an acquisition."""
+    command = click.option(
+        "--tilt-step", type=float, default=2.0, show_default=True, help="Tilt increment in degrees."
+    )(command)
+    return click.option(
+        "--tilt-range",
+        type=float,
+        nargs=2,
+        default=(-60.0, 60.0),
+        show_default=True,
+        metavar="MIN MAX",
+        help="First and last tilt angle in degrees.",
+    )(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cryojax_mw")
 def cli():
@@ -109,18 +125,7 @@ def cli():
     show_default=True,
     help="What to image: a 3D Shepp-Logan phantom or random Gaussian blobs.",
 )
-@click.option(
-    "--tilt-range",
-    type=float,
-    nargs=2,
-    default=(-60.0, 60.0),
-    show_default=True,
-    metavar="MIN MAX",
-    help="First and last tilt angle in degrees.",
-)
-@click.option(
-    "--tilt-step", type=float, default=2.0, show_default=True, help="Tilt increment in degrees."
-)
+@_tilt_scheme_options
 @click.option(
     "--noise",
     type=click.Choice(["gaussian", "poisson", "none"]),
@@ -299,18 +304,7 @@ def _list_classes(ctx, _param, value):
 @click.option(
     "--noise", type=click.Choice(simulate.NOISE_MODELS), default="gaussian", show_default=True
 )
-@click.option(
-    "--tilt-range",
-    type=float,
-    nargs=2,
-    default=(-60.0, 60.0),
-    show_default=True,
-    metavar="MIN MAX",
-    help="First and last tilt angle in degrees.",
-)
-@click.option(
-    "--tilt-step", type=float, default=2.0, show_default=True, help="Tilt increment in degrees."
-)
+@_tilt_scheme_options
 @click.option(
     "--tilt-order",
     type=click.Choice(simulate.TILT_ORDERS),

@@ -75,6 +75,25 @@ _CSV_META_KEYS = ("voxel_size_angstrom", "tomo_name", "class_names")
 _ANGSTROM_RTOL = 1e-6
 
 
+def _one_tomo_name(declared: str | None, row_names: list[str], where: str) -> str:
+    """The tomogram a file's particles belong to: the name it declares (`where`), which the rows
+    must agree with, else the one name its rows give."""
+    if declared is not None:
+        if row_names and row_names != [declared]:
+            raise ValueError(
+                f"particles name tomograms {row_names}, {where} {declared!r}; make them agree"
+            )
+        return declared
+    if len(row_names) == 1:
+        return row_names[0]
+    if not row_names:
+        raise ValueError(f"no particles and no tomogram name ({where} is missing)")
+    raise ValueError(
+        f"particles from {len(row_names)} tomograms {row_names}; a particle list holds one "
+        "tomogram, split the file"
+    )
+
+
 def _float_repr(value) -> str:
     """Shortest decimal that reads back to the same float64."""
     return repr(float(value))
@@ -320,26 +339,14 @@ def _read_star(path: Path) -> dict:
     n = len(particles)
 
     tomo_names = sorted(set(particles["rlnTomoName"].astype(str)))
+    declared = None
     if "tomogram" in blocks:
         tomogram = _as_table(blocks["tomogram"], "tomogram")
         _require_columns(tomogram, ("rlnTomoName",), "data_tomogram block")
         if len(tomogram) != 1:
             raise ValueError(f"the data_tomogram block names {len(tomogram)} tomograms, not one")
-        tomo_name = str(tomogram["rlnTomoName"].iloc[0])
-        if tomo_names and tomo_names != [tomo_name]:
-            raise ValueError(
-                f"particles name tomograms {tomo_names}, the data_tomogram block {tomo_name!r}; "
-                "make them agree"
-            )
-    elif len(tomo_names) == 1:
-        tomo_name = tomo_names[0]
-    elif not tomo_names:
-        raise ValueError("no particles and no data_tomogram block, so no tomogram name")
-    else:
-        raise ValueError(
-            f"particles from {len(tomo_names)} tomograms {tomo_names}; a particle list holds one "
-            "tomogram, split the file"
-        )
+        declared = str(tomogram["rlnTomoName"].iloc[0])
+    tomo_name = _one_tomo_name(declared, tomo_names, "the data_tomogram block")
 
     class_ids = _integer_column(particles["rlnClassNumber"], "rlnClassNumber")
     if "classes" in blocks:
@@ -448,23 +455,9 @@ def _read_csv(path: Path) -> dict:
     angstrom = floats(_CSV_ANGSTROM)
     class_ids = _integer_column(columns["class_id"], "class_id")
 
-    row_tomo_names = sorted(set(columns["tomo_name"]))
-    if "tomo_name" in meta:
-        tomo_name = meta["tomo_name"]
-        if row_tomo_names and row_tomo_names != [tomo_name]:
-            raise ValueError(
-                f"rows name tomograms {row_tomo_names}, the tomo_name line {tomo_name!r}; "
-                "make them agree"
-            )
-    elif len(row_tomo_names) == 1:
-        tomo_name = row_tomo_names[0]
-    elif not row_tomo_names:
-        raise ValueError("no particles and no '# tomo_name:' line, so no tomogram name")
-    else:
-        raise ValueError(
-            f"particles from {len(row_tomo_names)} tomograms {row_tomo_names}; a particle list "
-            "holds one tomogram, split the file"
-        )
+    tomo_name = _one_tomo_name(
+        meta.get("tomo_name"), sorted(set(columns["tomo_name"])), "the tomo_name line"
+    )
 
     if "class_names" in meta:
         class_names = tuple(meta["class_names"].split(",")) if meta["class_names"] else ()
