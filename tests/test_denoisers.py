@@ -9,6 +9,7 @@ minimiser is thus certified from NumPy evaluations of F and D that share no code
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import equinox as eqx
@@ -129,7 +130,7 @@ def _normal(seed, shape, dtype=jnp.float32) -> jax.Array:
 
 
 def _step_image(seed=0, shape=(12, 14)) -> np.ndarray:
-    """Noise on a step edge along the last axis: a non-square array whose ROF solution is not trivial."""
+    """Noise on a step edge along the last axis: an array with a non-trivial ROF solution."""
     rng = np.random.default_rng(seed)
     return rng.normal(size=shape) + np.where(np.arange(shape[-1]) > shape[-1] // 2, 2.0, 0.0)
 
@@ -191,15 +192,17 @@ def test_chambolle_fgp_and_primal_dual_reach_the_same_rof_minimiser(x64):
     # over 10x smaller; reached 26x-90x), Chambolle's falls more slowly and stays above FGP's.
     gap_fgp = [_rof(x, y, lam) - _dual(p, y, lam) for x, p in fgp]
     gap_cham = [_rof(x, y, lam) - _dual(p, y, lam) for x, p in cham]
-    assert all(b < a / 10 for a, b in zip(gap_fgp, gap_fgp[1:]))
-    assert all(b < a for a, b in zip(gap_cham, gap_cham[1:]))
+    assert all(b < a / 10 for a, b in itertools.pairwise(gap_fgp))
+    assert all(b < a for a, b in itertools.pairwise(gap_cham))
     assert all(f < c for f, c in zip(gap_fgp, gap_cham))
 
     # Certified distances to the exact minimiser from the best lower bound on F*; FGP's gap after
     # 3000 iterations reached 1e-10, the primal-dual reference's 1.5e-5 (it converges as O(1/k)).
     lower = max(_dual(p, y, lam) for p in (p_ref, p_fgp, p_cham))
-    radius = {name: math.sqrt(2 * (_rof(x, y, lam) - lower))
-              for name, x in (("ref", x_ref), ("fgp", x_fgp), ("cham", x_cham))}
+    radius = {
+        name: math.sqrt(2 * (_rof(x, y, lam) - lower))
+        for name, x in (("ref", x_ref), ("fgp", x_fgp), ("cham", x_cham))
+    }
     assert radius["fgp"] < 1e-4 and radius["cham"] < 2e-2 and radius["ref"] < 1e-2
     assert np.linalg.norm(x_fgp - x_ref) <= radius["fgp"] + radius["ref"]
     assert np.linalg.norm(x_cham - x_ref) <= radius["cham"] + radius["ref"]
@@ -369,8 +372,7 @@ def test_gaussian_keeps_the_mean_dtype_and_returns_x_at_sigma_zero():
 def test_flax_denoiser_convolves_the_spatial_axes_like_scipy_correlate():
     rng = np.random.default_rng(11)
     for shape in ((9, 10), (5, 6, 7)):
-        conv = nnx.Conv(1, 1, (3,) * len(shape), padding="SAME", use_bias=False,
-                        rngs=nnx.Rngs(0))
+        conv = nnx.Conv(1, 1, (3,) * len(shape), padding="SAME", use_bias=False, rngs=nnx.Rngs(0))
         kernel = rng.normal(size=(3,) * len(shape)).astype(np.float32)
         conv.kernel[...] = jnp.asarray(kernel)[..., None, None]
         x = rng.normal(size=shape).astype(np.float32)
@@ -470,9 +472,14 @@ def test_dtypes_float32_default_and_float64_kept(enable_x64):
         dtype = jnp.float64 if enable_x64 else jnp.float32
         y = jnp.asarray(_step_image(), dtype)
         outputs = [
-            gradient(y), divergence(gradient(y)), tv_norm(y), gaussian_denoise(y, 1.0),
-            *tv_denoise_fgp(y, 0.5, 3), *tv_denoise_chambolle(y, 0.5, 3),
-            moreau_yosida_tv_grad(y, 0.5, 3), TVDenoiser(0.5, 3)(y, None)[0],
+            gradient(y),
+            divergence(gradient(y)),
+            tv_norm(y),
+            gaussian_denoise(y, 1.0),
+            *tv_denoise_fgp(y, 0.5, 3),
+            *tv_denoise_chambolle(y, 0.5, 3),
+            moreau_yosida_tv_grad(y, 0.5, 3),
+            TVDenoiser(0.5, 3)(y, None)[0],
         ]
         assert all(o.dtype == dtype for o in outputs)
     assert tv_denoise_fgp(jnp.ones((4, 5), jnp.int32), 0.5, 3)[0].dtype == jnp.float32

@@ -63,7 +63,6 @@ class GaussianDenoiser(AbstractDenoiser):
 
     def init_state(self, x: jax.Array) -> None:
         """No state: returns None."""
-        return None
 
     def __call__(self, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
         """Filter `x`; returns `(filtered, state)` with the state unchanged."""

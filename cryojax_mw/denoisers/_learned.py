@@ -40,7 +40,6 @@ class FlaxDenoiser(AbstractDenoiser):
 
     def init_state(self, x: jax.Array) -> None:
         """No state: returns None."""
-        return None
 
     def __call__(self, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
         """Apply the model to `x`; returns `(denoised, state)` in x's dtype, state unchanged."""

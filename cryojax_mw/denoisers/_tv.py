@@ -374,6 +374,4 @@ class TVDenoiser(AbstractDenoiser):
         """Denoise `x` from the dual `state`; returns `(denoised, dual)`."""
         if self.method == "chambolle":
             return tv_denoise_chambolle(x, self.lam, self.num_iters, dual=state)
-        return tv_denoise_fgp(
-            x, self.lam, self.num_iters, nonnegative=self.nonnegative, dual=state
-        )
+        return tv_denoise_fgp(x, self.lam, self.num_iters, nonnegative=self.nonnegative, dual=state)
