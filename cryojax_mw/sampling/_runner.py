@@ -1,0 +1,323 @@
+"""Running many chains at once: one jitted `lax.scan` over steps of a `vmap` over chains, carrying
+streaming statistics instead of samples.
+
+What comes back (`ChainSummary`): the MMSE estimate (mean), the per-voxel standard deviation, a
+credible interval per voxel (streaming P^2 quantiles), the acceptance rate, split R-hat per voxel
+(from half-chain Welford statistics), rank-normalised split R-hat and bulk/tail ESS on a random
+subset of tracked voxels whose draws are kept, scalar traces, and for Metropolis-Hastings samplers
+the most visited state (the "MAP" of the thesis). Step i uses the key fold_in(rng_key, i), so a run
+cut into segments, checkpointed and resumed gives the same numbers as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from ..io import atomic_write
+from . import _diagnostics as diag
+from . import _stats as stats
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainSummary:
+    """What `run_chains` returns (NumPy arrays).
+
+    Attributes:
+        mean: the MMSE estimate, pooled over chains and kept draws.
+        std: per-voxel posterior standard deviation (pooled, ddof=1).
+        ci_low, ci_high: per-voxel credible interval at `level` (streaming P^2 quantiles, pooled
+            over chains).
+        level: the interval's probability (0.9 = from the 5% to the 95% quantile).
+        acceptance_rate: mean acceptance per chain, shape (chains,).
+        rhat: per-voxel split R-hat (classic, from half-chain means and variances).
+        diagnostics: `voxel_rhat_max` / `_median` (split R-hat over all voxels); `rhat_max` /
+            `_median` (rank-normalised split R-hat), `ess_bulk_min` / `_median` and
+            `ess_tail_min` / `_median` over the tracked voxels; `map_run_length` for MH samplers.
+        traces: name -> (num_steps, chains) scalar traces (acceptance, data fidelity, PSNR...).
+        map_estimate: the most visited state (longest run without a move) over all chains, for
+            samplers that report `is_accepted`; None otherwise.
+        num_kept: kept draws per chain.
+        num_chains: number of chains.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    level: float
+    acceptance_rate: np.ndarray
+    rhat: np.ndarray
+    diagnostics: dict
+    traces: dict
+    map_estimate: np.ndarray | None
+    num_kept: int
+    num_chains: int
+
+
+class _Carry(NamedTuple):
+    states: Any  # the algorithm's states, leading chain axis
+    pooled: Any  # Welford over all kept draws of all chains
+    halves: Any  # Welford per chain and half
+    quantiles: Any  # P^2 sketches of the interval's two ends
+    tracked: jax.Array  # (chains, num_kept, k) draws of the tracked voxels
+    accepted: jax.Array  # (chains,) sum of acceptance rates
+    run_length: jax.Array  # (chains,) steps since the last move
+    best_length: jax.Array  # (chains,) longest run seen
+    best_state: jax.Array  # (chains, ...) the position of that run
+
+
+def _check(num_steps, burn_in, thin, level, initial_positions) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= burn_in < num_steps:
+        raise ValueError(f"burn_in must be in [0, num_steps), got {burn_in} for {num_steps} steps")
+    if thin < 1:
+        raise ValueError(f"thin must be >= 1, got {thin}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if (num_steps - burn_in + thin - 1) // thin < 4:
+        raise ValueError("fewer than 4 kept draws per chain: raise num_steps or lower burn_in/thin")
+    if not np.all(np.isfinite(np.asarray(initial_positions))):
+        raise ValueError("initial_positions hold NaN or Inf values")
+    if np.ndim(initial_positions) < 2:
+        raise ValueError("initial_positions need a leading chain axis: shape (chains, ...)")
+
+
+def _info_acceptance(info) -> jax.Array:
+    return jnp.asarray(getattr(info, "acceptance_rate", 1.0), jnp.float32)
+
+
+def _info_moved(info) -> jax.Array | None:
+    return getattr(info, "is_accepted", None)
+
+
+def run_chains(
+    rng_key: jax.Array,
+    algorithm,
+    initial_positions,
+    num_steps: int,
+    burn_in: int,
+    thin: int = 1,
+    *,
+    level: float = 0.9,
+    truth=None,
+    trace_fns: Mapping[str, Callable] | None = None,
+    num_tracked: int = 64,
+    segment_steps: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> ChainSummary:
+    """Run `len(initial_positions)` chains of `algorithm` and summarise them without storing
+    samples.
+
+    Args:
+        rng_key: typed PRNG key.
+        algorithm: a blackjax `SamplingAlgorithm` (this package's `mwr`, `ula`, `myula`,
+            `pnp_ula`, or blackjax's own `mala`, `hmc`, ...) whose states have `.position`.
+        initial_positions: (chains, ...) starting points.
+        num_steps: steps per chain, burn-in included.
+        burn_in: steps discarded at the start (< num_steps).
+        thin: keep every `thin`-th draw after burn-in.
+        level: credible-interval probability (0.9 -> 5% and 95% quantiles).
+        truth: optional ground truth: a "psnr" trace of each chain's current state is recorded.
+        trace_fns: name -> (position -> scalar) extra traces; states with a `.fidelity` (MWR)
+            are traced as "fidelity" automatically.
+        num_tracked: voxels whose draws are kept for rank-normalised R-hat and ESS.
+        segment_steps: steps per jitted segment (progress bar and checkpoint granularity);
+            default about a tenth of the run.
+        checkpoint: a file (.npz) saved after each segment; a later call with the same arguments
+            resumes from it and returns what an uninterrupted run would.
+        progress: show a progress bar with the acceptance rate (and the final max R-hat).
+
+    Returns:
+        A `ChainSummary`.
+    """
+    _check(num_steps, burn_in, thin, level, initial_positions)
+    positions = jnp.asarray(initial_positions)
+    n_chains = positions.shape[0]
+    voxel_shape = positions.shape[1:]
+    dtype = positions.dtype
+    num_kept = (num_steps - burn_in + thin - 1) // thin
+    n_voxels = math.prod(voxel_shape)
+    tracked_index = np.random.default_rng(0).choice(
+        n_voxels, size=min(num_tracked, n_voxels), replace=False
+    )
+    tracked_index = jnp.asarray(np.sort(tracked_index))
+
+    trace_fns = dict(trace_fns or {})
+    if truth is not None:
+        truth_arr = jnp.asarray(truth, dtype)
+        peak = jnp.max(truth_arr) - jnp.min(truth_arr)
+        trace_fns["psnr"] = lambda x: 10 * jnp.log10(peak**2 / jnp.mean((x - truth_arr) ** 2))
+
+    states = jax.vmap(algorithm.init)(positions)
+    tail = (1 - level) / 2
+    carry = _Carry(
+        states=states,
+        pooled=stats.welford_init(voxel_shape, dtype),
+        halves=stats.split_halves_init(voxel_shape, n_chains, dtype),
+        quantiles=stats.p2_init(voxel_shape, (tail, 1 - tail), dtype),
+        tracked=jnp.zeros((n_chains, num_kept, tracked_index.size), dtype),
+        accepted=jnp.zeros((n_chains,), jnp.float32),
+        run_length=jnp.zeros((n_chains,), jnp.int32),
+        best_length=jnp.full((n_chains,), -1, jnp.int32),
+        best_state=positions,
+    )
+    has_fidelity = hasattr(states, "fidelity")
+
+    def one_step(carry: _Carry, i):
+        keys = jax.random.split(jax.random.fold_in(rng_key, i), n_chains)
+        states, info = jax.vmap(algorithm.step)(keys, carry.states)
+        x = states.position
+        kept = (i >= burn_in) & ((i - burn_in) % thin == 0)
+        j = (i - burn_in) // thin
+
+        def update(c: _Carry) -> _Carry:
+            return c._replace(
+                pooled=stats.welford_update_batch(c.pooled, x),
+                halves=stats.split_halves_update(c.halves, x, j, num_kept),
+                quantiles=stats.p2_update(c.quantiles, x),
+                tracked=c.tracked.at[:, j].set(x.reshape(n_chains, -1)[:, tracked_index]),
+            )
+
+        carry = carry._replace(states=states)
+        carry = jax.lax.cond(kept, update, lambda c: c, carry)
+        carry = carry._replace(accepted=carry.accepted + _info_acceptance(info))
+        moved = _info_moved(info)
+        if moved is not None:
+            # A run is the number of steps a state is kept; the longest over the kept steps is
+            # the most visited state.
+            run = jnp.where(moved, 0, carry.run_length + 1)
+            better = kept & (run > carry.best_length)
+            best_state = jnp.where(
+                better.reshape((-1,) + (1,) * len(voxel_shape)), x, carry.best_state
+            )
+            carry = carry._replace(
+                run_length=run,
+                best_length=jnp.where(better, run, carry.best_length),
+                best_state=best_state,
+            )
+        traces = {"acceptance": _info_acceptance(info)}
+        if has_fidelity:
+            traces["fidelity"] = states.fidelity
+        for name, fn in trace_fns.items():
+            traces[name] = jax.vmap(fn)(x)
+        return carry, traces
+
+    @jax.jit
+    def run_segment(carry, steps):
+        return jax.lax.scan(one_step, carry, steps)
+
+    segment = segment_steps or max(1, math.ceil(num_steps / 10))
+    fingerprint = _fingerprint(rng_key, carry, num_steps, burn_in, thin, level, segment)
+    start, trace_chunks = 0, []
+    if checkpoint is not None and Path(checkpoint).exists():
+        carry, start, trace_chunks = _load_checkpoint(Path(checkpoint), carry, fingerprint)
+
+    bar = tqdm(total=num_steps, initial=start, desc="sampling", unit="step", disable=not progress)
+    while start < num_steps:
+        stop = min(start + segment, num_steps)
+        carry, traces = run_segment(carry, jnp.arange(start, stop))
+        trace_chunks.append(jax.tree.map(np.asarray, traces))
+        start = stop
+        if checkpoint is not None:
+            _save_checkpoint(Path(checkpoint), carry, start, trace_chunks, fingerprint)
+        if progress:
+            bar.update(stop - bar.n)
+            bar.set_postfix(accept=f"{float(np.mean(traces['acceptance'])):.2f}")
+    summary = _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains)
+    if progress:
+        # Split R-hat needs both half-chains complete, so it is shown once the run is done.
+        bar.set_postfix(
+            accept=f"{float(np.mean(summary.acceptance_rate)):.2f}",
+            max_rhat=f"{summary.diagnostics['voxel_rhat_max']:.3f}",
+        )
+    bar.close()
+    return summary
+
+
+def _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains) -> ChainSummary:
+    mean, var = stats.welford_finalize(carry.pooled)
+    traces = {
+        name: np.concatenate([chunk[name] for chunk in trace_chunks], axis=0)
+        for name in trace_chunks[0]
+    }
+    rhat = np.asarray(stats.split_rhat_from_halves(carry.halves))
+    diagnostics = diag.convergence_summary(np.asarray(carry.tracked), voxel_rhat=rhat)
+    map_estimate = None
+    if np.any(np.asarray(carry.best_length) >= 0):
+        best = int(np.argmax(np.asarray(carry.best_length)))
+        map_estimate = np.asarray(carry.best_state[best])
+        diagnostics["map_run_length"] = int(np.asarray(carry.best_length)[best]) + 1
+    low, high = np.asarray(stats.p2_quantile(carry.quantiles))
+    return ChainSummary(
+        mean=np.asarray(mean),
+        std=np.sqrt(np.asarray(var)),
+        ci_low=low,
+        ci_high=high,
+        level=level,
+        acceptance_rate=np.asarray(carry.accepted) / num_steps,
+        rhat=rhat,
+        diagnostics=diagnostics,
+        traces=traces,
+        map_estimate=map_estimate,
+        num_kept=num_kept,
+        num_chains=n_chains,
+    )
+
+
+def _fingerprint(rng_key, carry, *settings) -> str:
+    leaves = jax.tree.leaves(carry)
+    description = {
+        "key": np.asarray(jax.random.key_data(rng_key)).tolist(),
+        "leaves": [(tuple(np.shape(x)), str(jnp.asarray(x).dtype)) for x in leaves],
+        "settings": [repr(s) for s in settings],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, carry, step: int, trace_chunks, fingerprint: str) -> None:
+    arrays = {f"carry_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(carry))}
+    traces = {
+        name: np.concatenate([c[name] for c in trace_chunks], axis=0) for name in trace_chunks[0]
+    }
+    arrays.update({f"trace_{name}": value for name, value in traces.items()})
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, step=step, fingerprint=fingerprint, **arrays)
+
+    atomic_write(path, write)
+
+
+def _load_checkpoint(path: Path, carry, fingerprint: str):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            saved = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"checkpoint {path} is not readable ({err}); delete it to start over"
+        ) from err
+    if str(saved.get("fingerprint")) != fingerprint:
+        raise ValueError(
+            f"checkpoint {path} belongs to a different run (other key, chains, shapes or "
+            "settings); delete it or choose another path"
+        )
+    leaves, treedef = jax.tree.flatten(carry)
+    restored = [
+        jnp.asarray(saved[f"carry_{i}"], dtype=jnp.asarray(x).dtype) for i, x in enumerate(leaves)
+    ]
+    traces = {k[len("trace_") :]: v for k, v in saved.items() if k.startswith("trace_")}
+    return jax.tree.unflatten(treedef, restored), int(saved["step"]), [traces]
