@@ -522,3 +522,24 @@ def test_bad_input_raises_a_one_line_value_error(name):
     with pytest.raises(ValueError) as info:
         _BAD_CALLS[name]()
     assert "\n" not in str(info.value)
+
+
+def test_smoothed_tv_tends_to_tv_and_has_the_gradient_of_finite_differences():
+    from cryojax_mw.denoisers import smoothed_tv_norm, tv_norm
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(3).normal(size=(6, 7)))
+        n = x.size
+        for eps in (1e-1, 1e-4):
+            # sqrt(a^2 + eps^2) - a lies in (0, eps] for every voxel.
+            excess = float(smoothed_tv_norm(x, eps)) - float(tv_norm(x))
+            assert 0 < excess <= n * eps
+        direction = jnp.asarray(np.random.default_rng(4).normal(size=x.shape))
+        g = jax.grad(smoothed_tv_norm)(x, 0.1)
+        h = 1e-6
+        fd = (
+            smoothed_tv_norm(x + h * direction, 0.1) - smoothed_tv_norm(x - h * direction, 0.1)
+        ) / (2 * h)
+        assert float(jnp.sum(g * direction)) == pytest.approx(float(fd), rel=1e-7)
+    with pytest.raises(ValueError):
+        smoothed_tv_norm(x, 0.0)

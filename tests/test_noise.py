@@ -141,19 +141,29 @@ def test_noise_levels_are_traced_arrays_under_jit_without_retracing():
     [
         (lambda: add_gaussian_noise(jax.random.key(0), jnp.zeros((3, 4)), -0.1), "sigma must be"),
         (lambda: add_gaussian_noise(jax.random.key(0), jnp.zeros((3, 4)), float("nan")), "NaN"),
-        (lambda: add_gaussian_noise(jax.random.key(0), jnp.zeros((3, 4, 5)), jnp.ones((4, 1, 1))),
-         "must broadcast"),
-        (lambda: add_gaussian_noise(jax.random.key(0), jnp.zeros((3, 4)), jnp.ones((2, 3, 4))),
-         "must broadcast"),
+        (
+            lambda: add_gaussian_noise(
+                jax.random.key(0), jnp.zeros((3, 4, 5)), jnp.ones((4, 1, 1))
+            ),
+            "must broadcast",
+        ),
+        (
+            lambda: add_gaussian_noise(jax.random.key(0), jnp.zeros((3, 4)), jnp.ones((2, 3, 4))),
+            "must broadcast",
+        ),
         (lambda: add_gaussian_noise(jax.random.PRNGKey(0), jnp.zeros((3, 4)), 1.0), "typed PRNG"),
         (lambda: gaussian_sigma_for_snr(jnp.ones((3, 4)), 0.0), "snr must be > 0"),
         (lambda: gaussian_sigma_for_snr(jnp.ones((3, 4)), -0.05), "snr must be > 0"),
         (lambda: add_poisson_noise(jax.random.key(0), jnp.ones((3, 4)), -5.0), "must be > 0"),
         (lambda: add_poisson_noise(jax.random.key(0), jnp.ones((3, 4)), 0.0), "must be > 0"),
-        (lambda: add_poisson_noise(jax.random.key(0), jnp.ones((3, 4, 5)), jnp.ones(4)),
-         "has 4 values but the tilt series has 3 tilts"),
-        (lambda: add_poisson_noise(jax.random.key(0), jnp.ones((3, 4, 5)), jnp.ones((3, 4))),
-         "scalar or one value per tilt"),
+        (
+            lambda: add_poisson_noise(jax.random.key(0), jnp.ones((3, 4, 5)), jnp.ones(4)),
+            "has 4 values but the tilt series has 3 tilts",
+        ),
+        (
+            lambda: add_poisson_noise(jax.random.key(0), jnp.ones((3, 4, 5)), jnp.ones((3, 4))),
+            "scalar or one value per tilt",
+        ),
         (lambda: add_poisson_noise(jax.random.key(0), jnp.float32(1.0), 10.0), "tilt axis"),
         (lambda: add_poisson_noise(jax.random.PRNGKey(0), jnp.ones((3, 4)), 10.0), "typed PRNG"),
     ],
@@ -161,3 +171,16 @@ def test_noise_levels_are_traced_arrays_under_jit_without_retracing():
 def test_bad_input_raises_a_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("sigma", [0.1, 2.0])
+def test_noise_estimate_recovers_the_sigma_of_white_noise_on_a_smooth_signal(sigma):
+    from cryojax_mw.operators import estimate_noise_sigma
+
+    rng = np.random.default_rng(0)
+    z, x = np.meshgrid(np.linspace(0, 1, 64), np.linspace(0, 1, 256), indexing="ij")
+    smooth = np.sin(3 * x) * np.cos(2 * z)
+    estimate = estimate_noise_sigma(smooth + sigma * rng.normal(size=smooth.shape))
+    assert estimate == pytest.approx(sigma, rel=0.05)
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        estimate_noise_sigma(np.zeros((4, 2)))

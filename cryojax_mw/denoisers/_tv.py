@@ -168,6 +168,16 @@ def tv_norm(x: jax.Array) -> jax.Array:
     return _tv_norm(as_image(x))
 
 
+def smoothed_tv_norm(x: jax.Array, eps) -> jax.Array:
+    """Differentiable total variation `sum_i sqrt(sum_d (D_d x)_i^2 + eps^2)` (eps > 0, in units
+    of x), for gradient-based samplers (ULA, MALA, HMC) with a TV-like prior; it tends to
+    `tv_norm(x) + n eps` as eps -> 0."""
+    x = as_image(x)
+    check_nonnegative_scalar(eps, "eps", positive=True)
+    parts = _gradient_parts(x)
+    return jnp.sum(jnp.sqrt(sum(p**2 for p in parts) + jnp.asarray(eps, x.dtype) ** 2))
+
+
 # --------------------------------------------------------------------------------- solvers
 
 

@@ -15,7 +15,12 @@ from ._fourier import (
     periodic_plus_smooth,
     project_observed,
 )
-from ._noise import add_gaussian_noise, add_poisson_noise, gaussian_sigma_for_snr
+from ._noise import (
+    add_gaussian_noise,
+    add_poisson_noise,
+    estimate_noise_sigma,
+    gaussian_sigma_for_snr,
+)
 from ._norm import operator_norm
 from ._tilt import TiltBackprojector, TiltGeometry, TiltProjector
 
@@ -34,6 +39,7 @@ __all__ = [
     "add_poisson_noise",
     "ctf_2d",
     "electron_wavelength",
+    "estimate_noise_sigma",
     "gaussian_sigma_for_snr",
     "missing_pyramid_mask",
     "missing_wedge_mask",
