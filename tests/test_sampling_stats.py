@@ -114,7 +114,7 @@ def _ref_ess_tail(x):
 
 
 def _ref_p2(stream, p):
-    """P^2 for one stream (Jain & Chlamtac 1985, Box 1) with 1-based marker positions; desired
+    """P^2 for one stream (Jain & Chlamtac 1985) with 1-based marker positions; desired
     positions are the paper's increments summed in closed form, 1 + (N - 1) dn_i."""
     q = sorted(stream[:5])
     n = [1, 2, 3, 4, 5]

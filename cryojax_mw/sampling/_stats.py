@@ -378,23 +378,23 @@ def _p2_adjust(qm, qi, qp, nm, ni, np_, desired):
 
 
 def _p2_step(levels: jax.Array, heights: jax.Array, positions: jax.Array, count, x):
-    """One P^2 update (Jain & Chlamtac 1985, Box 1, steps B.1-B.3), vectorised over levels and
+    """One P^2 update (Jain & Chlamtac 1985): find the cell, move, adjust; vectorised over levels and
     voxels; `count` is the number of draws including x."""
     dtype = heights.dtype
     q = [heights[:, i] for i in range(5)]
     n = [positions[:, i] for i in range(3)]
-    # B.1: the cell of x; markers above it move one position up (strict < as in the paper).
+    # The cell of x: markers above it move one position up (strict < as in the paper).
     q[0] = jnp.minimum(q[0], x)
     q[4] = jnp.maximum(q[4], x)
     n = [n[i] + (x < q[i + 1]).astype(jnp.int32) for i in range(3)]
-    # B.2: desired positions after `count` draws, 1 + (count - 1) * (p/2, p, (1+p)/2) for the
+    # Desired positions after `count` draws, 1 + (count - 1) * (p/2, p, (1+p)/2) for the
     # middle markers (the ends are pinned at 1 and count).
     p = levels.reshape((-1,) + (1,) * (heights.ndim - 2))
     c = (count - 1).astype(dtype)
     desired = [1 + c * p / 2, 1 + c * p, 1 + c * (1 + p) / 2]
     one = jnp.ones_like(n[0])
     pos = [one, n[0], n[1], n[2], jnp.broadcast_to(count, n[0].shape).astype(jnp.int32)]
-    # B.3: adjust the middle markers in order; each sees its neighbours' updated values.
+    # Adjust the middle markers in order; each sees its neighbours' updated values.
     for i in (1, 2, 3):
         q[i], pos[i] = _p2_adjust(
             q[i - 1], q[i], q[i + 1], pos[i - 1], pos[i], pos[i + 1], desired[i - 1]
