@@ -2,11 +2,11 @@
 
 Conventions: volumes are (z, y, x) with z the beam at 0 deg and y the tilt axis; tilt series are
 (n_tilts, y, x); 2D images are (z, x) and sinograms (n_tilts, x); angles are in degrees; voxel
-sizes in Angstrom travel with the data. Sub-packages: `operators`, `reconstruct`, `simulate`,
-`metrics`, `io`, `plot`, `cli`.
+sizes in Angstrom travel with the data. Sub-packages: `operators`, `reconstruct`, `denoisers`,
+`sampling`, `simulate`, `metrics`, `io`, `plot`, `cli`.
 """
 
-from . import io, metrics, operators, reconstruct, simulate
+from . import denoisers, io, metrics, operators, reconstruct, sampling, simulate
 from .io import (
     ParticleList,
     read_mrc,
@@ -41,7 +41,9 @@ from .operators import (
     phase_flip,
     project_observed,
 )
+from .denoisers import GaussianDenoiser, TVDenoiser
 from .reconstruct import Reconstruction, cgls, sirt, tv_map, tv_weight, wbp
+from .sampling import ChainSummary, maggioni_restore, mwr, myula, pnp_ula, run_chains, ula
 from .simulate import (
     SimulationConfig,
     load_template,
@@ -56,15 +58,18 @@ __version__ = "0.1.0"
 __all__ = [
     "AbstractLinearOperator",
     "CTFOperator",
+    "ChainSummary",
     "ComposedOperator",
     "FSCResult",
     "FourierMaskOperator",
+    "GaussianDenoiser",
     "IdentityOperator",
     "ParticleList",
     "Reconstruction",
     "ScaledOperator",
     "SimulationConfig",
     "SumOperator",
+    "TVDenoiser",
     "TiltBackprojector",
     "TiltGeometry",
     "TiltProjector",
@@ -73,18 +78,23 @@ __all__ = [
     "ccc",
     "cgls",
     "ctf_2d",
+    "denoisers",
     "electron_wavelength",
     "fsc",
     "gaussian_sigma_for_snr",
     "io",
     "load_template",
+    "maggioni_restore",
     "metrics",
     "missing_pyramid_mask",
     "missing_wedge_mask",
+    "mwr",
+    "myula",
     "operator_norm",
     "operators",
     "periodic_plus_smooth",
     "phase_flip",
+    "pnp_ula",
     "project_observed",
     "psnr",
     "random_blobs",
@@ -92,6 +102,8 @@ __all__ = [
     "read_particles",
     "read_tilt_angles",
     "reconstruct",
+    "run_chains",
+    "sampling",
     "shepp_logan",
     "simulate",
     "simulate_tomogram",
@@ -99,6 +111,7 @@ __all__ = [
     "ssim",
     "tv_map",
     "tv_weight",
+    "ula",
     "wbp",
     "write_dataset",
     "write_mrc",

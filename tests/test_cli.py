@@ -336,3 +336,70 @@ def test_phase_flip_needs_images_and_a_pixel_size(simulated, tmp_path, capsys):
         capsys,
     )  # fmt: skip
     assert code == 2 and "give --voxel-size" in stderr
+
+
+@pytest.fixture(scope="module")
+def wedge_tomogram(simulated, tmp_path_factory):
+    """A small WBP tomogram of the simulated phantom: it carries a missing wedge."""
+    out = tmp_path_factory.mktemp("wedge") / "wbp.mrc"
+    main(["reconstruct", "--tilt-series", str(simulated / "tilt_series.mrc"), "--angles",
+          str(simulated / "angles.tlt"), "--thickness", "24", "--filter", "hann",
+          "--out", str(out)])  # fmt: skip
+    return out
+
+
+SHORT_RUN = ["--chains", "2", "--samples", "8", "--burn-in", "4"]
+
+
+@pytest.mark.parametrize("sampler", ["mwr", "myula"])
+def test_restore_writes_the_posterior_summary(wedge_tomogram, tmp_path, capsys, sampler):
+    code, stdout, _ = run(
+        ["restore", "--tomogram", str(wedge_tomogram), "--tilt-range", "-60", "60",
+         "--sampler", sampler, *SHORT_RUN, "--out", str(tmp_path)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and "R-hat" in stdout
+    mean, voxel = io.read_mrc(tmp_path / "mean.mrc")
+    std, _ = io.read_mrc(tmp_path / "std.mrc")
+    low, _ = io.read_mrc(tmp_path / "ci_low.mrc")
+    high, _ = io.read_mrc(tmp_path / "ci_high.mrc")
+    data, _ = io.read_mrc(wedge_tomogram)
+    assert mean.shape == data.shape and voxel == pytest.approx(10.0)
+    assert np.all(std >= 0) and np.all(low <= high)
+    report = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert report["sampler"] == sampler and report["chains"] == 2 and report["kept_per_chain"] == 8
+    assert "voxel_rhat_max" in report["diagnostics"]
+    assert (tmp_path / "most_visited.mrc").exists() == (sampler == "mwr")
+    assert (tmp_path / "posterior.png").stat().st_size > 1000
+    assert not (tmp_path / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "tilt range"),
+        (["--tilt-range", "-60", "60", "--chains", "0"], "--chains"),
+        (["--tilt-range", "-60", "60", "--samples", "2"], "--samples"),
+        (["--tilt-range", "-60", "60", "--beta", "0"], "--beta must be > 0"),
+    ],
+)
+def test_restore_bad_input(wedge_tomogram, tmp_path, capsys, extra, message):
+    code, _, stderr = run(
+        ["restore", "--tomogram", str(wedge_tomogram), *extra, "--out", str(tmp_path)], capsys
+    )
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+def test_sample_tilt_series_writes_the_posterior_summary(simulated, tmp_path, capsys):
+    code, stdout, _ = run(
+        ["sample-tilt-series", "--tilt-series", str(simulated / "tilt_series.mrc"), "--angles",
+         str(simulated / "angles.tlt"), "--thickness", "24", *SHORT_RUN, "--out", str(tmp_path)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and "24x6x32" in stdout
+    mean, _ = io.read_mrc(tmp_path / "mean.mrc")
+    truth, _ = io.read_mrc(simulated / "ground_truth.mrc")
+    assert mean.shape == truth.shape
+    assert np.corrcoef(mean.ravel(), truth.ravel())[0, 1] > 0.5
+    report = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert report["parameters"]["noise_sigma"] > 0
