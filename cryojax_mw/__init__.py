@@ -7,6 +7,7 @@ sizes in Angstrom travel with the data. Sub-packages: `operators`, `reconstruct`
 """
 
 from . import denoisers, io, metrics, operators, reconstruct, sampling, simulate
+from .denoisers import GaussianDenoiser, TVDenoiser
 from .io import (
     ParticleList,
     read_mrc,
@@ -41,7 +42,6 @@ from .operators import (
     phase_flip,
     project_observed,
 )
-from .denoisers import GaussianDenoiser, TVDenoiser
 from .reconstruct import Reconstruction, cgls, sirt, tv_map, tv_weight, wbp
 from .sampling import ChainSummary, maggioni_restore, mwr, myula, pnp_ula, run_chains, ula
 from .simulate import (
