@@ -37,8 +37,8 @@ class ChainSummary:
     Attributes:
         mean: the MMSE estimate, pooled over chains and kept draws.
         std: per-voxel posterior standard deviation (pooled, ddof=1).
-        ci_low, ci_high: per-voxel credible interval at `level` (streaming P^2 quantiles, pooled
-            over chains).
+        ci_low, ci_high: per-voxel credible interval at `level`: streaming P^2 quantiles of each
+            chain, averaged over chains (chains that agree have the same quantiles).
         level: the interval's probability (0.9 = from the 5% to the 95% quantile).
         acceptance_rate: mean acceptance per chain, shape (chains,).
         rhat: per-voxel split R-hat (classic, from half-chain means and variances).
@@ -70,7 +70,7 @@ class _Carry(NamedTuple):
     states: Any  # the algorithm's states, leading chain axis
     pooled: Any  # Welford over all kept draws of all chains
     halves: Any  # Welford per chain and half
-    quantiles: Any  # P^2 sketches of the interval's two ends
+    quantiles: Any  # per-chain P^2 sketches of the interval's two ends
     tracked: jax.Array  # (chains, num_kept, k) draws of the tracked voxels
     accepted: jax.Array  # (chains,) sum of acceptance rates
     run_length: jax.Array  # (chains,) steps since the last move
@@ -168,7 +168,9 @@ def run_chains(
         states=states,
         pooled=stats.welford_init(voxel_shape, dtype),
         halves=stats.split_halves_init(voxel_shape, n_chains, dtype),
-        quantiles=stats.p2_init(voxel_shape, (tail, 1 - tail), dtype),
+        # One sketch per chain, updated for all chains at once (a pooled sketch would take the
+        # C draws one after the other); the interval ends are the chains' average.
+        quantiles=stats.p2_init((n_chains, *voxel_shape), (tail, 1 - tail), dtype),
         tracked=jnp.zeros((n_chains, num_kept, tracked_index.size), dtype),
         accepted=jnp.zeros((n_chains,), jnp.float32),
         run_length=jnp.zeros((n_chains,), jnp.int32),
@@ -188,7 +190,7 @@ def run_chains(
             return c._replace(
                 pooled=stats.welford_update_batch(c.pooled, x),
                 halves=stats.split_halves_update(c.halves, x, j, num_kept),
-                quantiles=stats.p2_update(c.quantiles, x),
+                quantiles=stats.p2_update(c.quantiles, x[None]),
                 tracked=c.tracked.at[:, j].set(x.reshape(n_chains, -1)[:, tracked_index]),
             )
 
@@ -261,7 +263,7 @@ def _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains) -> Cha
         best = int(np.argmax(np.asarray(carry.best_length)))
         map_estimate = np.asarray(carry.best_state[best])
         diagnostics["map_run_length"] = int(np.asarray(carry.best_length)[best]) + 1
-    low, high = np.asarray(stats.p2_quantile(carry.quantiles))
+    low, high = np.asarray(stats.p2_quantile(carry.quantiles)).mean(axis=1)
     return ChainSummary(
         mean=np.asarray(mean),
         std=np.sqrt(np.asarray(var)),
