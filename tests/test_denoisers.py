@@ -43,29 +43,6 @@ def x64():
         yield
 
 
-class _TraceCounter:
-    """Counts jaxpr traces (each new compilation starts with one) while active."""
-
-    def __init__(self):
-        self.count = 0
-        self.active = False
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, name, _duration, **_):
-        if self.active and name == "/jax/core/compile/jaxpr_trace_duration":
-            self.count += 1
-
-    def __enter__(self):
-        self.count, self.active = 0, True
-        return self
-
-    def __exit__(self, *_):
-        self.active = False
-
-
-_TRACES = _TraceCounter()
-
-
 # ------------------------------------------------------------- NumPy reference, no shared code
 
 
@@ -392,13 +369,13 @@ def test_flax_denoiser_wraps_plain_callables_and_refuses_wrong_output_shapes():
         FlaxDenoiser(lambda b: jnp.concatenate([b, b], axis=-1))(x, None)
 
 
-def test_new_flax_weights_do_not_recompile():
+def test_new_flax_weights_do_not_recompile(trace_counter):
     conv = nnx.Conv(1, 1, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
     step = eqx.filter_jit(lambda d, x: d(x, None)[0])
     x = jnp.ones((6, 7))
     first = step(FlaxDenoiser(conv), x)
     conv.kernel[...] = 2.0 * conv.kernel[...]
-    with _TRACES as traces:
+    with trace_counter as traces:
         second = step(FlaxDenoiser(conv), x)
     assert traces.count == 0
     assert not np.allclose(first, second)
@@ -445,7 +422,7 @@ def test_vmap_over_4_chains_inside_scan_equals_a_loop_of_calls():
                 np.testing.assert_allclose(batched_state[i], s, rtol=1e-5, atol=1e-5)
 
 
-def test_new_lam_or_sigma_does_not_recompile():
+def test_new_lam_or_sigma_does_not_recompile(trace_counter):
     y = _normal(13, (6, 7, 8))
     step = eqx.filter_jit(lambda d, x, s: d(x, s))
     state = TVDenoiser(0.1, 4).init_state(y)
@@ -454,14 +431,14 @@ def test_new_lam_or_sigma_does_not_recompile():
     tv_denoise_fgp(y, 0.1, 4)
     tv_denoise_chambolle(y, 0.1, 4)
     gaussian_denoise(y, 1.0)
-    with _TRACES as traces:
+    with trace_counter as traces:
         step(TVDenoiser(0.25, 4), y, state)
         step(GaussianDenoiser(2.0), y, None)
         tv_denoise_fgp(y, 0.2, 4)
         tv_denoise_chambolle(y, jnp.float32(0.3), 4)
         gaussian_denoise(y, 1.7)
     assert traces.count == 0
-    with _TRACES as traces:  # the counter sees a real recompilation (new static num_iters)
+    with trace_counter as traces:  # the counter sees a real recompilation (new static num_iters)
         tv_denoise_fgp(y, 0.2, 3)
     assert traces.count >= 1
 

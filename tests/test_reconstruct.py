@@ -52,29 +52,6 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return np.real(np.fft.ifft2(np.fft.fft2(image) * kernel))
 
 
-class _TraceCounter:
-    """Counts jaxpr traces (each new compilation starts with one) while active."""
-
-    def __init__(self):
-        self.count = 0
-        self.active = False
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, name, _duration, **_):
-        if self.active and name == "/jax/core/compile/jaxpr_trace_duration":
-            self.count += 1
-
-    def __enter__(self):
-        self.count, self.active = 0, True
-        return self
-
-    def __exit__(self, *_):
-        self.active = False
-
-
-_TRACES = _TraceCounter()
-
-
 # ----------------------------------------------------------------------------------------- WBP
 
 
@@ -336,13 +313,15 @@ def test_tv_map_residual_approaches_least_squares_as_lam_goes_to_zero(x64, tv_pr
     assert r_ls < final[-1] < 1.03 * r_ls
 
 
-def test_tv_map_nonnegative_stays_feasible_and_new_lam_does_not_retrace(x64, tv_problem):
+def test_tv_map_nonnegative_stays_feasible_and_new_lam_does_not_retrace(
+    x64, tv_problem, trace_counter
+):
     op, _, b = tv_problem
     data = jnp.asarray(b.reshape(op.tilt_series_shape))
     result = tv_map(data, op, 0.2, 300, nonnegative=True)
     assert float(result.volume.min()) >= 0.0
     assert result.objective[-1] < result.objective[0]
-    with _TRACES as traces:
+    with trace_counter as traces:
         tv_map(data, op, 0.3, 300, nonnegative=True)
     assert traces.count == 0
 
@@ -354,7 +333,9 @@ def test_relative_tv_weight_makes_tv_map_equivariant_to_the_data_scale(x64, tv_p
     c = 37.0
     ref = tv_map(data, op, tv_weight(0.1, data, op.volume_shape[0]), 300).volume
     scaled = tv_map(c * data, op, tv_weight(0.1, c * data, op.volume_shape[0]), 300).volume
-    np.testing.assert_allclose(scaled, c * ref, rtol=1e-8, atol=1e-8 * c * float(jnp.abs(ref).max()))
+    np.testing.assert_allclose(
+        scaled, c * ref, rtol=1e-8, atol=1e-8 * c * float(jnp.abs(ref).max())
+    )
     with pytest.raises(ValueError, match=">= 0"):
         tv_weight(-0.1, data, op.volume_shape[0])
 
@@ -444,10 +425,10 @@ _BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case", _BAD_INPUTS, ids=[c[0] for c in _BAD_INPUTS])
-def test_bad_input_raises_value_error_before_compiling(small_problem, case):
+def test_bad_input_raises_value_error_before_compiling(small_problem, case, trace_counter):
     op, data = small_problem
     _, call, message = case
     data = np.asarray(data, np.float32)
-    with _TRACES as traces, pytest.raises(ValueError, match=message):
+    with trace_counter as traces, pytest.raises(ValueError, match=message):
         call(op, data)
     assert traces.count == 0
