@@ -72,20 +72,49 @@ def _figure(volumes: dict, path: Path, title: str) -> Path:
     return plot.save_figure(plot.ortho_slices(volumes, title=title), path)
 
 
-def _tilt_scheme_options(command):
-    """--tilt-range and --tilt-step of the commands that simulate an acquisition."""
-    command = click.option(
+def _stack(*options):
+    """One decorator applying several click options, in the order listed (as in --help)."""
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+# --tilt-range and --tilt-step of the commands that simulate an acquisition.
+_tilt_scheme_options = _stack(
+    click.option(
+        "--tilt-range", type=float, nargs=2, default=(-60.0, 60.0), show_default=True,
+        metavar="MIN MAX", help="First and last tilt angle in degrees.",
+    ),
+    click.option(
         "--tilt-step", type=float, default=2.0, show_default=True, help="Tilt increment in degrees."
-    )(command)
-    return click.option(
-        "--tilt-range",
-        type=float,
-        nargs=2,
-        default=(-60.0, 60.0),
-        show_default=True,
-        metavar="MIN MAX",
-        help="First and last tilt angle in degrees.",
-    )(command)
+    ),
+)  # fmt: skip
+
+# The tilt series and its angles, for the commands that read one.
+_tilt_series_input_options = _stack(
+    click.option(
+        "--tilt-series", "tilt_series_path", type=click.Path(dir_okay=False, path_type=Path),
+        required=True, help="MRC stack (n_tilts, y, x), or a 2D sinogram (n_tilts, x).",
+    ),
+    click.option(
+        "--angles", "angles_path", type=click.Path(dir_okay=False, path_type=Path),
+        help="IMOD .tlt file, one angle (degrees) per line, in the stack's order.",
+    ),
+    click.option(
+        "--tilt-range", type=float, nargs=2, metavar="MIN MAX",
+        help="Instead of --angles: evenly spaced angles from MIN to MAX degrees.",
+    ),
+    click.option(
+        "--tilt-step", type=float, default=2.0, show_default=True, help="Step for --tilt-range."
+    ),
+    click.option(
+        "--thickness", type=int, help="Tomogram size along z in voxels [default: the x size]."
+    ),
+)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -215,21 +244,17 @@ def simulate_cmd(
     )
 
 
-def _microscope_options(command):
-    """--voltage, --cs and --amplitude-contrast: the CTF's microscope, shared by the commands."""
-    for option in reversed([
-        click.option("--voltage", type=float, default=300.0, show_default=True, help="CTF: kV."),
-        click.option(
-            "--cs", type=float, default=2.7, show_default=True,
-            help="CTF: spherical aberration, mm.",
-        ),
-        click.option(
-            "--amplitude-contrast", type=float, default=0.07, show_default=True,
-            help="CTF: amplitude contrast fraction.",
-        ),
-    ]):  # fmt: skip
-        command = option(command)
-    return command
+# --voltage, --cs and --amplitude-contrast: the CTF's microscope, shared by the commands.
+_microscope_options = _stack(
+    click.option("--voltage", type=float, default=300.0, show_default=True, help="CTF: kV."),
+    click.option(
+        "--cs", type=float, default=2.7, show_default=True, help="CTF: spherical aberration, mm."
+    ),
+    click.option(
+        "--amplitude-contrast", type=float, default=0.07, show_default=True,
+        help="CTF: amplitude contrast fraction.",
+    ),
+)  # fmt: skip
 
 
 def _list_classes(ctx, _param, value):
@@ -417,32 +442,7 @@ def run_reconstruction(
 
 
 @cli.command("reconstruct")
-@click.option(
-    "--tilt-series",
-    "tilt_series_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="MRC stack (n_tilts, y, x), or a 2D sinogram (n_tilts, x).",
-)
-@click.option(
-    "--angles",
-    "angles_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="IMOD .tlt file, one angle (degrees) per line, in the stack's order.",
-)
-@click.option(
-    "--tilt-range",
-    type=float,
-    nargs=2,
-    metavar="MIN MAX",
-    help="Instead of --angles: evenly spaced angles from MIN to MAX degrees.",
-)
-@click.option(
-    "--tilt-step", type=float, default=2.0, show_default=True, help="Step for --tilt-range."
-)
-@click.option(
-    "--thickness", type=int, help="Tomogram size along z in voxels [default: the x size]."
-)
+@_tilt_series_input_options
 @click.option(
     "--method",
     type=click.Choice(METHODS),
@@ -578,34 +578,28 @@ def reconstruct_cmd(
 SAMPLERS = ("mwr", "myula", "pnp-ula", "ula", "mala")
 
 
-def _sampling_options(command):
-    """Options shared by `restore` and `sample-tilt-series`: chains, lengths, seed, output."""
-    options = [
-        click.option(
-            "--chains", type=int, default=8, show_default=True, help="Chains run in one vmap."
-        ),
-        click.option(
-            "--samples", type=int, default=300, show_default=True,
-            help="Steps kept per chain after burn-in.",
-        ),
-        click.option(
-            "--burn-in", type=int, default=100, show_default=True,
-            help="Steps discarded at the start of each chain.",
-        ),
-        click.option(
-            "--level", type=float, default=0.9, show_default=True,
-            help="Probability of the per-voxel credible interval.",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files."),
-        click.option(
-            "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-            help="Folder for mean.mrc, std.mrc, ci_low.mrc, ci_high.mrc, diagnostics.json and a "
-            "PNG; an interrupted run resumes from its checkpoint there.",
-        ),
-    ]  # fmt: skip
-    for option in reversed(options):
-        command = option(command)
-    return command
+# Options shared by `restore` and `sample-tilt-series`: chains, lengths, seed, output.
+_sampling_options = _stack(
+    click.option("--chains", type=int, default=8, show_default=True, help="Chains run in one vmap."),
+    click.option(
+        "--samples", type=int, default=300, show_default=True,
+        help="Steps kept per chain after burn-in.",
+    ),
+    click.option(
+        "--burn-in", type=int, default=100, show_default=True,
+        help="Steps discarded at the start of each chain.",
+    ),
+    click.option(
+        "--level", type=float, default=0.9, show_default=True,
+        help="Probability of the per-voxel credible interval.",
+    ),
+    click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files."),
+    click.option(
+        "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+        help="Folder for mean.mrc, std.mrc, ci_low.mrc, ci_high.mrc, diagnostics.json and a "
+        "PNG; an interrupted run resumes from its checkpoint there.",
+    ),
+)  # fmt: skip
 
 
 def _check_sampling(chains, samples, burn_in, level) -> None:
@@ -777,17 +771,7 @@ def restore_cmd(tomogram_path, tilt_range, angles_path, sampler, tv, sigma_eps, 
 
 
 @cli.command("sample-tilt-series")
-@click.option(
-    "--tilt-series", "tilt_series_path", type=click.Path(dir_okay=False, path_type=Path),
-    required=True, help="MRC stack (n_tilts, y, x), or a 2D sinogram (n_tilts, x).",
-)  # fmt: skip
-@click.option("--angles", "angles_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="IMOD .tlt file, one angle (degrees) per line, in the stack's order.")  # fmt: skip
-@click.option("--tilt-range", type=float, nargs=2, metavar="MIN MAX",
-              help="Instead of --angles: evenly spaced angles from MIN to MAX degrees.")  # fmt: skip
-@click.option("--tilt-step", type=float, default=2.0, show_default=True,
-              help="Step for --tilt-range.")  # fmt: skip
-@click.option("--thickness", type=int, help="Tomogram size along z in voxels [default: x size].")
+@_tilt_series_input_options
 @click.option("--sampler", type=click.Choice(("myula", "ula", "mala")), default="myula",
               show_default=True, help="myula: Langevin with a TV prior; ula / mala: with a "
               "smoothed TV prior.")  # fmt: skip
