@@ -222,6 +222,15 @@ def test_run_chains_bad_settings(kwargs, message):
         run_chains(jax.random.key(0), alg, jnp.stack([jnp.asarray(y)] * 2), **kwargs)
 
 
+def test_run_chains_refuses_a_truth_of_another_shape_and_non_finite_starts():
+    _, y, _, alg = _small_mwr()
+    starts = jnp.stack([jnp.asarray(y)] * 2)
+    with pytest.raises(ValueError, match="truth has shape"):
+        run_chains(jax.random.key(0), alg, starts, 10, 2, truth=np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run_chains(jax.random.key(0), alg, starts.at[0, 0, 0].set(jnp.nan), 10, 2)
+
+
 def test_pnp_ula_with_the_exact_gaussian_denoiser_samples_the_widened_prior_posterior():
     """Tweedie: the MMSE denoiser of a N(0, C) prior at noise eps gives the score of N(0, C + eps^2),
     so PnP-ULA with it samples the posterior whose prior power is P + eps^2."""

@@ -158,6 +158,10 @@ def run_chains(
 
     trace_fns = dict(trace_fns or {})
     if truth is not None:
+        if np.shape(truth) != voxel_shape:
+            raise ValueError(
+                f"truth has shape {np.shape(truth)} but each chain's position has {voxel_shape}"
+            )
         truth_arr = jnp.asarray(truth, dtype)
         peak = jnp.max(truth_arr) - jnp.min(truth_arr)
         trace_fns["psnr"] = lambda x: 10 * jnp.log10(peak**2 / jnp.mean((x - truth_arr) ** 2))
