@@ -895,8 +895,23 @@ def markdown(result: dict) -> str:
         prof = mwr["profile_ms"]
         names = list(next(iter(prof.values())))
         rows = [[name] + [fmt_ms(prof[c][name]) for c in prof] for name in names]
+        # The runner's own cost as measured: run_chains minus the bare kernel scan.
+        scan = f"kernel scan ({MWR_SCAN_STEPS} steps, vmap)"
+        overhead = []
+        for c in prof:
+            runner, kernel = (
+                _row(mwr["rows"], m, int(c)) for m in ("run_chains (all statistics)", scan)
+            )
+            if runner and kernel:
+                overhead.append(runner["per_iteration_ms"] - kernel["per_iteration_ms"])
+        rows.append(
+            ["run_chains minus the kernel scan (measured above)"] + [fmt_ms(o) for o in overhead]
+        )
         lines += [
-            "Where an iteration goes (each piece jitted and vmapped on its own, ms per call):",
+            (
+                "Where an iteration goes (each piece jitted and vmapped on its own, ms per call; "
+                "the runner's statistics with donated state, updated in place as in its scan):"
+            ),
             "",
             markdown_table(["piece"] + [f"{c} chain(s)" for c in prof], rows),
             "",
