@@ -292,11 +292,16 @@ def mwr_profile(algorithm, y, mask, start, n_chains: int) -> dict:
         f"TV denoiser (FGP, {MWR_TV_ITERS} iterations)": (jax.jit(jax.vmap(tv)), xs, duals),
         "L2 fidelity (rfftn/irfftn)": (jax.jit(jax.vmap(fidelity)), xs),
     }
-    # As run_chains carries them: one P^2 sketch per chain, all chains updated by one draw each,
-    # past the first five draws (the sketch's sorted fill-in) as in a long run.
+    # The statistics as run_chains carries them: Welford moments per chain, split halves, one
+    # P^2 sketch per chain (all chains updated by one draw each, past the first five draws, the
+    # sketch's sorted fill-in, as in a long run).
     sketch = jax.jit(stats.p2_update)(stats.p2_init(xs.shape, (0.05, 0.95)), jnp.stack([xs] * 6))
     runner_pieces = {
-        "runner: pooled Welford": (stats.welford_update_batch, stats.welford_init(shape), xs),
+        "runner: per-chain Welford": (
+            stats.welford_update,
+            stats.welford_init(shape, num_chains=n_chains),
+            xs,
+        ),
         "runner: split-half Welford": (
             lambda h, x: stats.split_halves_update(h, x, 0, 100),
             stats.split_halves_init(shape, n_chains),
@@ -833,7 +838,8 @@ def markdown(result: dict) -> str:
     lines = [
         (
             f"Machine: {m['cpu_model']}, {m['cores']} cores usable, {m['memory_gb']} GB; jax "
-            f"{v.get('jax')}, blackjax {v.get('blackjax')}; {m['date_utc']}; load average "
+            f"{v.get('jax')}, blackjax {v.get('blackjax')}; {m['date_utc']}; package at commit "
+            f"{(result.get('git_commit') or 'unknown')[:7]}; load average "
             f"{load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end (other jobs "
             "share the cores). float32. Kernel times are medians after a warm-up call; "
             "`run_chains` is timed from the inside (a host callback per step, median over "
@@ -1018,11 +1024,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _git_dirty_package_files() -> list[str]:
-    """Files of the package with uncommitted changes (the benchmark measures the working tree)."""
+def _git(*args: str) -> str:
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--", "cryojax_mw"],
+            ["git", *args],
             cwd=HERE.parent,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -1030,8 +1035,14 @@ def _git_dirty_package_files() -> list[str]:
             check=False,
         )
     except OSError:
-        return []
-    return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+        return ""
+    return out.stdout
+
+
+def _git_dirty_package_files() -> list[str]:
+    """Files of the package with uncommitted changes (the benchmark measures the working tree)."""
+    status = _git("status", "--porcelain", "--", "cryojax_mw")
+    return [line[3:] for line in status.splitlines() if line.strip()]
 
 
 def main(argv=None) -> int:
@@ -1051,6 +1062,7 @@ def main(argv=None) -> int:
         log(f"warning: the package has uncommitted changes: {', '.join(dirty)}")
     result = {
         "benchmark": "samplers",
+        "git_commit": _git("rev-parse", "HEAD").strip() or None,
         "quick": args.quick,
         "load_average": {"start": list(os.getloadavg())},
         "git_dirty": dirty,
