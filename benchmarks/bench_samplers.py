@@ -1,4 +1,4 @@
-"""Sampler benchmark: speed of MWR and of ULA / MYULA, and convergence of five samplers on a
+"""Sampler benchmark: speed of MWR and of ULA / MYULA, and convergence of four samplers on a
 posterior known in closed form.
 
 Three parts, all float32 on the CPU, in one run:
@@ -10,9 +10,9 @@ Three parts, all float32 on the CPU, in one run:
   (`jit(vmap(alg.step))`, one call per iteration), the kernel in a jitted `lax.scan` of 20 steps
   (no statistics), the same scan with the chains run one after the other (`lax.map`), and split
   over 2 host devices (`shard_map`, child process), and `run_chains` with every step kept (all
-  statistics updated). A profile times each piece of one iteration
-  on its own: perturbation + data projection, the TV denoiser, the fidelity, and the runner's
-  streaming statistics (Welford, split halves, P^2 sketches).
+  statistics updated). A profile times each piece of one iteration on its own: perturbation +
+  data projection, the TV denoiser, the fidelity, and the runner's streaming statistics (Welford,
+  split halves, P^2 sketches).
 - `ula`: a 2D 128^2 tomography posterior (Shepp-Logan, 61 tilts from -60 to 60 deg, Gaussian
   noise) with a TV prior, sampled by MYULA (`sampling.myula`, TV prox by 20 FGP iterations) and by
   ULA on a smoothed TV, lambda sum sqrt(|grad x|^2 + eps^2): kernel, scan and `run_chains` times
@@ -30,13 +30,13 @@ Kernel timings are medians after a warm-up call (compilation excluded), as in
 `_common.time_call`. `run_chains` compiles on every call, so it is timed from the inside: a trace
 function with a host callback (`StepClock`) notes when each step's draws are ready, and the
 per-step time is the median over the run's segments (host round trips between segments included,
-compilation and the final summary excluded). The
-thesis' 660 ms per MWR iteration (BM4D, Matlab) and deepinv's ~120 ms per ULA iteration are the
-issue's figures, quoted beside the measurements, not measured here.
+compilation and the final summary excluded). The thesis' 660 ms per MWR iteration (BM4D,
+Matlab) and deepinv's ~120 ms per ULA iteration are the issue's figures, quoted beside the
+measurements, not measured here.
 
 Usage:
     python benchmarks/bench_samplers.py            # all parts: results/samplers.json, the PNG, README
-    python benchmarks/bench_samplers.py --quick    # small sizes, seconds: results/samplers_quick.*
+    python benchmarks/bench_samplers.py --quick    # small sizes, ~1.5 min (compilation dominates)
     python benchmarks/bench_samplers.py --parts mwr ula   # results/samplers_partial.json
 
 Only a complete full-size run rewrites results/samplers.json, the PNG and the README table.
