@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/bench_projector.py
 	$(PY) benchmarks/bench_simulate.py
+	$(PY) benchmarks/bench_samplers.py
 
 notebooks: $(STAMP)
 	$(PY) notebooks/run_notebooks.py
