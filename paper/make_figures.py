@@ -93,4 +93,7 @@ if __name__ == "__main__":
     reconstructions()
     simulated_tomogram()
     projector_table()
+    import mwr_experiments  # beside this file, so on sys.path when it runs as a script
+
+    mwr_experiments.main()
     print(f"figures and tables written to {FIGURES}")
