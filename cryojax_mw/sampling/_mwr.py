@@ -178,6 +178,7 @@ def as_top_level_api(
     *,
     fidelity: str = "l2",
     positivity: bool = False,
+    denoiser_warmup: int = 5,
 ) -> SamplingAlgorithm:
     """MWR: Metropolis-Hastings missing-wedge restoration (thesis section 2.5).
 
@@ -189,6 +190,8 @@ def as_top_level_api(
         beta: temperature > 0; larger accepts more (beta -> inf is the all-accept baseline).
         fidelity: "l2", "l1", "correlation" or "mutual_information" (see `data_fidelity`).
         positivity: clip proposals at 0.
+        denoiser_warmup: denoiser calls made by `init` on the data-consistent start, so that a
+            stateful denoiser (TV's dual field) is warm at the first proposal.
 
     Returns:
         A `SamplingAlgorithm` whose `init(position)` starts a chain (e.g. at y) and whose
@@ -204,7 +207,15 @@ def as_top_level_api(
     def init_fn(position, rng_key=None):
         del rng_key
         position = jnp.asarray(position)
-        state = stateful.init_state(position) if hasattr(stateful, "init_state") else None
+        state = None
+        if hasattr(stateful, "init_state"):
+            # Warm the denoiser up on data-consistent input: a cold TV dual smooths the first
+            # proposal less than the later ones, and that proposal, closer to the data, would be
+            # accepted and then never left.
+            state = stateful.init_state(position)
+            target = project_observed(position, jnp.asarray(y), jnp.asarray(mask))
+            for _ in range(denoiser_warmup):
+                _, state = stateful(target, state)
         return init(position, fidelity_fn, state)
 
     def step_fn(rng_key, state):
