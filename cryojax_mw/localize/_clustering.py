@@ -1,0 +1,409 @@
+"""From a voxel-wise label map to a list of particles, as DeepFinder does (thesis ch. 4.2.1).
+
+Two ways to group labelled voxels into objects:
+- `cluster_mean_shift`: mean-shift with a flat kernel over the coordinates of all non-background
+  voxels, classes pooled (DeepFinder's clustering step); the bandwidth is about the particle radius.
+  Each cluster takes its most frequent class, so a particle whose voxels got mixed labels is still
+  one particle.
+- `cluster_connected_components`: 3D connected components of each class separately.
+
+Both give each cluster its size (voxels), its centroid (the mean of its voxels' coordinates, so
+sub-voxel) and a score, drop clusters outside a size range (per class), and return `Detections`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage
+import scipy.spatial
+
+from ..io import ParticleList
+
+# Seeds moved together in one jitted call: bounds the (seeds x kernel offsets) work arrays
+# to about 2^22 entries (tens of MB), whatever the bandwidth.
+_WORK_ENTRIES = 2**22
+_MAX_ITER = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+    """Particles found in a tomogram, with the size and score of each.
+
+    Attributes:
+        particles: the particles (positions in voxels, (z, y, x); angles zero where the method
+            gives no orientation).
+        sizes: int64 (n,), the number of voxels of each particle's cluster (clustering) or of its
+            template's mask (template matching).
+        scores: float64 (n,), the confidence of each particle: the mean probability of its class
+            over its voxels or its size (clustering), the normalised cross-correlation (template
+            matching). Higher is more confident.
+    """
+
+    particles: ParticleList
+    sizes: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.particles)
+        sizes = np.asarray(self.sizes, dtype=np.int64).reshape(-1)
+        scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        if sizes.shape != (n,) or scores.shape != (n,):
+            raise ValueError(
+                f"sizes and scores need one value per particle ({n}), got {sizes.shape} and "
+                f"{scores.shape}"
+            )
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "scores", scores)
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+
+def _per_class(
+    value, class_names: Sequence[str], default, what: str, *, nonnegative: bool = True
+) -> np.ndarray:
+    """A per-class setting (one value, or a mapping from class name to value with `default` for
+    the classes it leaves out; None means no limit, +inf) as a float array indexed by class id
+    (entry 0, background, holds `default`)."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(class_names))
+        if unknown:
+            raise ValueError(
+                f"{what} names unknown classes {unknown}; the classes are {list(class_names)}"
+            )
+        values = [default] + [value.get(name, default) for name in class_names]
+    else:
+        values = [default] + [value] * len(class_names)
+    out = np.array([np.inf if v is None else v for v in values], dtype=np.float64)
+    if np.any(np.isnan(out)) or (nonnegative and np.any(out[1:] < 0)):
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    return out
+
+
+def _check_label_map(label_map, class_names, classes) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The label map with labels outside `classes` set to background, and the class names."""
+    labels = np.asarray(label_map)
+    if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"label_map must be an integer (z, y, x) array, got shape {labels.shape} dtype "
+            f"{labels.dtype}"
+        )
+    names = tuple(class_names)
+    if labels.size and (labels.min() < 0 or labels.max() > len(names)):
+        raise ValueError(
+            f"label_map holds labels {labels.min()}..{labels.max()} but class_names names "
+            f"{len(names)} classes (label k is class_names[k - 1], 0 is background); give a name "
+            "to every label"
+        )
+    if classes is not None:
+        unknown = sorted(set(classes) - set(names))
+        if unknown:
+            raise ValueError(f"classes {unknown} are not in class_names {list(names)}")
+        keep = np.zeros(len(names) + 1, dtype=bool)
+        keep[[names.index(c) + 1 for c in classes]] = True
+        labels = np.where(keep[labels], labels, 0)
+    return labels, names
+
+
+def _cluster_table(
+    coords: np.ndarray,
+    cluster: np.ndarray,
+    labels: np.ndarray,
+    n_clusters: int,
+    *,
+    class_names: tuple[str, ...],
+    scores,
+    min_size: np.ndarray,
+    max_size: np.ndarray,
+    voxel_size: float,
+    tomo_name: str,
+) -> Detections:
+    """Size, majority class, centroid and score of each cluster; clusters outside the size range
+    of their class dropped; ordered by class, then by decreasing score."""
+    n_labels = len(class_names) + 1
+    sizes = np.bincount(cluster, minlength=n_clusters)
+    votes = np.bincount(cluster * n_labels + labels, minlength=n_clusters * n_labels)
+    votes = votes.reshape(n_clusters, n_labels)
+    votes[:, 0] = -1  # members are foreground voxels; background never wins
+    winner = np.argmax(votes, axis=1)  # ties go to the lowest class id
+    centroids = (
+        np.stack(
+            [np.bincount(cluster, weights=coords[:, a], minlength=n_clusters) for a in range(3)], 1
+        )
+        / np.maximum(sizes, 1)[:, None]
+    )
+    if scores is None:
+        score = sizes.astype(np.float64)
+    else:
+        if scores.ndim == 3:
+            member_scores = scores[tuple(coords.T)]
+        else:
+            member_scores = scores[(*coords.T, winner[cluster])]
+        score = np.bincount(
+            cluster, weights=member_scores.astype(np.float64), minlength=n_clusters
+        ) / np.maximum(sizes, 1)
+    keep = (sizes > 0) & (sizes >= min_size[winner]) & (sizes <= max_size[winner])
+    order = np.flatnonzero(keep)
+    order = order[np.lexsort((-score[order], winner[order]))]
+    particles = ParticleList(
+        class_names=class_names,
+        class_ids=winner[order].astype(np.int64),
+        positions=centroids[order],
+        angles_deg=np.zeros((len(order), 3)),
+        voxel_size=voxel_size,
+        tomo_name=tomo_name,
+    )
+    return Detections(particles, sizes[order], score[order])
+
+
+def _check_scores(scores, shape, n_labels):
+    if scores is None:
+        return None
+    scores = np.asarray(scores)
+    if scores.shape not in (shape, (*shape, n_labels)):
+        raise ValueError(
+            f"scores must have the label map's shape {shape} or {(*shape, n_labels)} "
+            f"(class probabilities, background first), got {scores.shape}"
+        )
+    return scores
+
+
+def _kernel_offsets(bandwidth: float) -> np.ndarray:
+    """Integer offsets o from round(c) of every voxel that can lie within `bandwidth` of c: each
+    coordinate of c - round(c) is at most 1/2, so |o| <= bandwidth + sqrt(3) / 2."""
+    reach = bandwidth + math.sqrt(3) / 2
+    r = math.ceil(reach)
+    g = np.arange(-r, r + 1)
+    offsets = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
+    return offsets[np.sum(offsets * offsets, axis=1) <= reach * reach].astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter",))
+def _shift_seeds(occupied, strides, offsets, seeds, bandwidth, max_iter):
+    """Flat-kernel mean-shift of each seed over the occupied voxels of a padded volume.
+
+    Windows are gathered from the dense occupancy grid (the voxel grid is the cell grid); sums of
+    integer coordinates are exact in int32, so seeds whose windows hold the same voxels reach the
+    same mode bit for bit. Returns the modes and the number of voxels in each final window.
+    """
+
+    def window(c):
+        base = jnp.round(c).astype(jnp.int32)
+        points = base[:, None, :] + offsets[None]
+        d = points.astype(c.dtype) - c[:, None, :]
+        inside = jnp.sum(d * d, axis=-1) <= bandwidth * bandwidth
+        w = inside & occupied[points @ strides]
+        count = jnp.sum(w, axis=1, dtype=jnp.int32)
+        sums = jnp.sum(jnp.where(w[..., None], points, 0), axis=1, dtype=jnp.int32)
+        return count, sums
+
+    def body(state):
+        c, done, it = state
+        count, sums = window(c)
+        new = jnp.where(count[:, None] > 0, sums / jnp.maximum(count, 1)[:, None], c)
+        moved = jnp.sqrt(jnp.sum((new - c) ** 2, axis=1))
+        c = jnp.where(done[:, None], c, new.astype(c.dtype))
+        return c, done | (moved < 1e-3 * bandwidth), it + 1
+
+    def cond(state):
+        _, done, it = state
+        return (it < max_iter) & ~jnp.all(done)
+
+    done = jnp.zeros(seeds.shape[0], dtype=bool)
+    modes, _, _ = jax.lax.while_loop(cond, body, (seeds, done, jnp.int32(0)))
+    return modes, window(modes)[0]
+
+
+def mean_shift(points, bandwidth: float):
+    """Mean-shift clustering of integer voxel coordinates with a flat kernel.
+
+    As scikit-learn's `MeanShift(bandwidth, bin_seeding=True)` (which DeepFinder uses): seeds are
+    the occupied cells of a grid of spacing `bandwidth`; each seed moves to the mean of the points
+    within `bandwidth` of it until it moves less than 1e-3 * bandwidth (at most 300 steps); modes
+    are taken by decreasing number of points in their window, and a mode within `bandwidth` of one
+    already taken is dropped; every point joins its nearest mode.
+
+    Args:
+        points: int (n, 3) voxel coordinates (z, y, x), n >= 1, all distinct.
+        bandwidth: kernel radius in voxels, > 0.
+
+    Returns:
+        (centres float64 (k, 3), assignment int64 (n,) index of each point's centre).
+    """
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise ValueError(f"points must be a non-empty (n, 3) array, got shape {points.shape}")
+    if not np.issubdtype(points.dtype, np.integer):
+        raise ValueError(f"points must be integer voxel coordinates, got dtype {points.dtype}")
+    if not (np.isfinite(bandwidth) and bandwidth > 0):
+        raise ValueError(f"bandwidth must be a positive number of voxels, got {bandwidth}")
+    offsets = _kernel_offsets(bandwidth)
+    pad = int(np.abs(offsets).max()) + 1
+    low = points.min(axis=0)
+    local = (points - low + pad).astype(np.int64)
+    shape = tuple(int(s) for s in local.max(axis=0) + pad + 1)
+    if np.prod(shape, dtype=np.int64) >= 2**31:
+        raise ValueError(
+            f"the points span {shape} voxels, too many for int32 indexing; cluster a sub-volume"
+        )
+    occupied = np.zeros(shape, dtype=bool)
+    occupied[tuple(local.T)] = True
+    strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int32)
+
+    # Seeds on the grid of the original coordinates, as scikit-learn's bin seeding.
+    cells = np.unique(np.round(points / bandwidth).astype(np.int64), axis=0)
+    seeds = (cells * bandwidth - low + pad).astype(np.float32)
+    chunk = max(16, _WORK_ENTRIES // len(offsets))
+    chunk = min(chunk, len(seeds))
+    n_chunks = -(-len(seeds) // chunk)
+    filled = np.concatenate([seeds, np.repeat(seeds[-1:], n_chunks * chunk - len(seeds), 0)])
+    device = (jnp.asarray(occupied.ravel()), jnp.asarray(strides), jnp.asarray(offsets))
+    bw = jnp.float32(bandwidth)
+    modes, counts = [], []
+    for block in filled.reshape(n_chunks, chunk, 3):
+        m, n = jax.device_get(_shift_seeds(*device, jnp.asarray(block), bw, _MAX_ITER))
+        modes.append(m)
+        counts.append(n)
+    modes = np.concatenate(modes)[: len(seeds)].astype(np.float64)
+    counts = np.concatenate(counts)[: len(seeds)]
+
+    modes, first = np.unique(modes, axis=0, return_index=True)
+    counts = counts[first]
+    order = np.lexsort((*modes.T[::-1], -counts))  # most populated first; ties by position
+    tree = scipy.spatial.cKDTree(modes)
+    suppressed = np.zeros(len(modes), dtype=bool)
+    kept = []
+    for i in order:
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed[tree.query_ball_point(modes[i], bandwidth)] = True
+    centres = modes[kept]
+    _, assignment = scipy.spatial.cKDTree(centres).query(local)
+    return centres + low - pad, assignment.astype(np.int64)
+
+
+def cluster_mean_shift(
+    label_map,
+    *,
+    bandwidth: float,
+    class_names: Sequence[str],
+    voxel_size: float,
+    min_cluster_size: int | Mapping[str, int] = 1,
+    max_cluster_size: int | Mapping[str, int] | None = None,
+    scores=None,
+    classes: Sequence[str] | None = None,
+    tomo_name: str = "tomogram",
+) -> Detections:
+    """Particles from a label map by mean-shift clustering (DeepFinder's clustering step).
+
+    All non-background voxels (classes pooled) are clustered by `mean_shift` with a flat kernel
+    of radius `bandwidth`; each cluster becomes one particle whose class is the most frequent
+    label among its voxels (ties: the lowest class id), whose position is the mean of its voxels'
+    coordinates and whose size is its number of voxels (all labels counted).
+
+    Args:
+        label_map: int (z, y, x), 0 = background, k = class_names[k - 1].
+        bandwidth: kernel radius in voxels, about the particles' radius (DeepFinder's
+            `clustRadius`).
+        class_names: names of the labels 1..K.
+        voxel_size: Angstrom per voxel, carried into the particle list.
+        min_cluster_size: smallest cluster kept, in voxels: one number or a mapping from class
+            name to number (classes left out: 1). Smaller clusters are false positives in the
+            thesis's analysis.
+        max_cluster_size: largest cluster kept, same forms (None: no limit).
+        scores: optional per-voxel confidence, (z, y, x) (e.g. `Segmentation.max_probability`:
+            score = its mean over the cluster) or (z, y, x, K + 1) class probabilities (score =
+            the mean probability of the cluster's class over its voxels). Default: the size.
+        classes: names of the classes to cluster (default all); voxels of other classes count as
+            background (e.g. leave membranes out).
+        tomo_name: name written in the particle list.
+
+    Returns:
+        `Detections` ordered by class, then by decreasing score; angles are zero.
+    """
+    labels, names = _check_label_map(label_map, class_names, classes)
+    scores = _check_scores(scores, labels.shape, len(names) + 1)
+    min_size = _per_class(min_cluster_size, names, 1, "min_cluster_size")
+    max_size = _per_class(max_cluster_size, names, None, "max_cluster_size")
+    coords = np.argwhere(labels > 0)
+    if len(coords) == 0:
+        cluster, n_clusters = np.zeros(0, dtype=np.int64), 0
+    else:
+        _, cluster = mean_shift(coords, bandwidth)
+        n_clusters = int(cluster.max()) + 1
+    return _cluster_table(
+        coords,
+        cluster,
+        labels[tuple(coords.T)].astype(np.int64),
+        n_clusters,
+        class_names=names,
+        scores=scores,
+        min_size=min_size,
+        max_size=max_size,
+        voxel_size=voxel_size,
+        tomo_name=tomo_name,
+    )
+
+
+def cluster_connected_components(
+    label_map,
+    *,
+    class_names: Sequence[str],
+    voxel_size: float,
+    min_cluster_size: int | Mapping[str, int] = 1,
+    max_cluster_size: int | Mapping[str, int] | None = None,
+    scores=None,
+    classes: Sequence[str] | None = None,
+    connectivity: int = 1,
+    tomo_name: str = "tomogram",
+) -> Detections:
+    """Particles from a label map as the 3D connected components of each class.
+
+    Args:
+        label_map: int (z, y, x), 0 = background, k = class_names[k - 1].
+        class_names: names of the labels 1..K.
+        voxel_size: Angstrom per voxel, carried into the particle list.
+        min_cluster_size: smallest component kept, in voxels (number or per-class mapping).
+        max_cluster_size: largest component kept (None: no limit).
+        scores: optional (z, y, x) or (z, y, x, K + 1) confidence, as in `cluster_mean_shift`.
+        classes: names of the classes to label (default all).
+        connectivity: 1 (faces, 6 neighbours), 2 (and edges, 18) or 3 (and corners, 26).
+        tomo_name: name written in the particle list.
+
+    Returns:
+        `Detections` ordered by class, then by decreasing score; angles are zero.
+    """
+    labels, names = _check_label_map(label_map, class_names, classes)
+    scores = _check_scores(scores, labels.shape, len(names) + 1)
+    if connectivity not in (1, 2, 3):
+        raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}")
+    structure = scipy.ndimage.generate_binary_structure(3, connectivity)
+    min_size = _per_class(min_cluster_size, names, 1, "min_cluster_size")
+    max_size = _per_class(max_cluster_size, names, None, "max_cluster_size")
+    components = np.zeros(labels.shape, dtype=np.int64)
+    n_clusters = 0
+    for k in np.unique(labels[labels > 0]):
+        component, n = scipy.ndimage.label(labels == k, structure=structure)
+        inside = component > 0
+        components[inside] = component[inside] + n_clusters
+        n_clusters += n
+    coords = np.argwhere(components > 0)
+    return _cluster_table(
+        coords,
+        components[tuple(coords.T)] - 1,
+        labels[tuple(coords.T)].astype(np.int64),
+        n_clusters,
+        class_names=names,
+        scores=scores,
+        min_size=min_size,
+        max_size=max_size,
+        voxel_size=voxel_size,
+        tomo_name=tomo_name,
+    )
