@@ -30,6 +30,7 @@ from ..io import ParticleList
 # to about 2^22 entries (tens of MB), whatever the bandwidth.
 _WORK_ENTRIES = 2**22
 _MAX_ITER = 300
+_STEPS_PER_ROUND = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,40 +186,50 @@ def _kernel_offsets(bandwidth: float) -> np.ndarray:
     return offsets[np.sum(offsets * offsets, axis=1) <= reach * reach].astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter",))
-def _shift_seeds(occupied, strides, offsets, seeds, bandwidth, max_iter):
-    """Flat-kernel mean-shift of each seed over the occupied voxels of a padded volume.
+def _window(occupied, strides, offsets, c, bandwidth):
+    """Voxel count and offset sum of the occupied voxels within `bandwidth` of each centre c.
 
-    Windows are gathered from the dense occupancy grid (the voxel grid is the cell grid); sums of
-    integer coordinates are exact in int32, so seeds whose windows hold the same voxels reach the
-    same mode bit for bit. Returns the modes and the number of voxels in each final window.
+    Windows are gathered from the dense occupancy grid (the voxel grid is the cell grid) at
+    round(c) + offsets. |round(c) + o - c|^2 is expanded as |delta|^2 + 2 delta.o + |o|^2 so that
+    the distance test is one small matrix product, and offset sums are integers below 2^24, exact
+    in float32.
     """
+    off = offsets.astype(c.dtype)
+    base = jnp.round(c)
+    delta = base - c
+    d2 = jnp.sum(delta * delta, axis=1)[:, None] + 2 * (delta @ off.T) + jnp.sum(off * off, 1)
+    flat = (base.astype(jnp.int32) * strides).sum(axis=1)[:, None] + (offsets * strides).sum(1)
+    w = (d2 <= bandwidth * bandwidth) & occupied[flat]
+    count = jnp.sum(w, axis=1, dtype=jnp.int32)
+    return base, count, w.astype(c.dtype) @ off
 
-    def window(c):
-        base = jnp.round(c).astype(jnp.int32)
-        points = base[:, None, :] + offsets[None]
-        d = points.astype(c.dtype) - c[:, None, :]
-        inside = jnp.sum(d * d, axis=-1) <= bandwidth * bandwidth
-        w = inside & occupied[points @ strides]
-        count = jnp.sum(w, axis=1, dtype=jnp.int32)
-        sums = jnp.sum(jnp.where(w[..., None], points, 0), axis=1, dtype=jnp.int32)
-        return count, sums
 
-    def body(state):
-        c, done, it = state
-        count, sums = window(c)
-        new = jnp.where(count[:, None] > 0, sums / jnp.maximum(count, 1)[:, None], c)
+@functools.partial(jax.jit, static_argnames=("n_steps",))
+def _shift_seeds(occupied, strides, offsets, seeds, bandwidth, n_steps):
+    """`n_steps` flat-kernel mean-shift steps of each seed; a seed that moves less than
+    1e-3 * bandwidth stops (as scikit-learn's). Returns the positions and which have stopped."""
+
+    def step(state, _):
+        c, done = state
+        base, count, offset_sum = _window(occupied, strides, offsets, c, bandwidth)
+        new = jnp.where(count[:, None] > 0, base + offset_sum / jnp.maximum(count, 1)[:, None], c)
         moved = jnp.sqrt(jnp.sum((new - c) ** 2, axis=1))
-        c = jnp.where(done[:, None], c, new.astype(c.dtype))
-        return c, done | (moved < 1e-3 * bandwidth), it + 1
-
-    def cond(state):
-        _, done, it = state
-        return (it < max_iter) & ~jnp.all(done)
+        c = jnp.where(done[:, None], c, new)
+        return (c, done | (moved < 1e-3 * bandwidth)), None
 
     done = jnp.zeros(seeds.shape[0], dtype=bool)
-    modes, _, _ = jax.lax.while_loop(cond, body, (seeds, done, jnp.int32(0)))
-    return modes, window(modes)[0]
+    (c, done), _ = jax.lax.scan(step, (seeds, done), None, length=n_steps)
+    return c, done
+
+
+@jax.jit
+def _window_counts(occupied, strides, offsets, c, bandwidth):
+    return _window(occupied, strides, offsets, c, bandwidth)[1]
+
+
+def _filled(block: np.ndarray, size: int) -> np.ndarray:
+    """`block` with its last row repeated up to `size` rows: one shape for every jitted call."""
+    return np.concatenate([block, np.repeat(block[-1:], size - len(block), axis=0)])
 
 
 def mean_shift(points, bandwidth: float):
@@ -257,22 +268,45 @@ def mean_shift(points, bandwidth: float):
     occupied[tuple(local.T)] = True
     strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int32)
 
-    # Seeds on the grid of the original coordinates, as scikit-learn's bin seeding.
-    cells = np.unique(np.round(points / bandwidth).astype(np.int64), axis=0)
-    seeds = (cells * bandwidth - low + pad).astype(np.float32)
-    chunk = max(16, _WORK_ENTRIES // len(offsets))
-    chunk = min(chunk, len(seeds))
-    n_chunks = -(-len(seeds) // chunk)
-    filled = np.concatenate([seeds, np.repeat(seeds[-1:], n_chunks * chunk - len(seeds), 0)])
+    # Seeds on the grid of the original coordinates, as scikit-learn's bin seeding (unique
+    # cells found on one int64 key per point: a 1D sort, much faster than unique rows).
+    cells = np.round(points / bandwidth).astype(np.int64)
+    cells -= cells.min(axis=0)
+    extent = cells.max(axis=0) + 1
+    keys = np.unique((cells[:, 0] * extent[1] + cells[:, 1]) * extent[2] + cells[:, 2])
+    cells = np.stack(np.unravel_index(keys, tuple(extent)), axis=1)
+    cells += np.round(points.min(axis=0) / bandwidth).astype(np.int64)
+    modes = (cells * bandwidth - low + pad).astype(np.float32)
     device = (jnp.asarray(occupied.ravel()), jnp.asarray(strides), jnp.asarray(offsets))
     bw = jnp.float32(bandwidth)
-    modes, counts = [], []
-    for block in filled.reshape(n_chunks, chunk, 3):
-        m, n = jax.device_get(_shift_seeds(*device, jnp.asarray(block), bw, _MAX_ITER))
-        modes.append(m)
-        counts.append(n)
-    modes = np.concatenate(modes)[: len(seeds)].astype(np.float64)
-    counts = np.concatenate(counts)[: len(seeds)]
+    # Seeds move in rounds of a few steps and those that stopped leave, so the slow tail runs on
+    # its own (on a simulated 200 x 512 x 512 label map: median 22 steps, 1 % of seeds > 87).
+    # Chunks are filled up to a size from a short list (the largest, 1/8 and 1/64 of it for the
+    # tail), so each function compiles at most three times.
+    chunk = min(max(64, _WORK_ENTRIES // len(offsets)), 1 << (len(modes) - 1).bit_length())
+    active = np.arange(len(modes))
+    for _ in range(-(-_MAX_ITER // _STEPS_PER_ROUND)):
+        if len(active) == 0:
+            break
+        size = chunk
+        for _ in range(2):
+            if size // 8 >= max(len(active), 64):
+                size //= 8
+        stopped = np.zeros(len(active), dtype=bool)
+        for start in range(0, len(active), size):
+            rows = active[start : start + size]
+            block = jnp.asarray(_filled(modes[rows], size))
+            c, done = jax.device_get(_shift_seeds(*device, block, bw, _STEPS_PER_ROUND))
+            modes[rows] = c[: len(rows)]
+            stopped[start : start + len(rows)] = done[: len(rows)]
+        active = active[~stopped]
+    counts = np.zeros(len(modes), dtype=np.int64)
+    for start in range(0, len(modes), chunk):
+        block = modes[start : start + chunk]
+        counts[start : start + chunk] = jax.device_get(
+            _window_counts(*device, jnp.asarray(_filled(block, chunk)), bw)
+        )[: len(block)]
+    modes = modes.astype(np.float64)
 
     modes, first = np.unique(modes, axis=0, return_index=True)
     counts = counts[first]
