@@ -487,6 +487,15 @@ def test_peak_picking_suppresses_neighbours_and_lets_the_best_class_win():
         pick_peaks(matches, voxel_size=1.0, min_distance=2.0)
 
 
+def test_a_peak_beyond_its_class_top_k_still_occupies_its_place():
+    a = np.zeros((20, 20, 20))
+    b = np.zeros((20, 20, 20))
+    a[4, 4, 4], a[15, 15, 15], b[15, 15, 12] = 0.9, 0.8, 0.7
+    matches = {"a": _match(a), "b": _match(b)}
+    found = pick_peaks(matches, voxel_size=1.0, min_distance=4.0, top_k={"a": 1})
+    np.testing.assert_array_equal(found.particles.positions, [[4, 4, 4]])
+
+
 def test_peak_distance_between_classes_is_the_larger_one():
     a = np.zeros((20, 20, 20))
     b = np.zeros((20, 20, 20))

@@ -262,13 +262,6 @@ def match_template(
     return TemplateMatch(np.asarray(scores), index, angles, int(msk.sum()))
 
 
-def _ball(radius: float) -> np.ndarray:
-    r = math.floor(radius)
-    g = np.arange(-r, r + 1)
-    d2 = g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2
-    return d2 <= radius * radius
-
-
 def pick_peaks(
     matches: Mapping[str, TemplateMatch],
     *,
@@ -283,12 +276,14 @@ def pick_peaks(
 
     1. Each voxel takes the class whose template scores highest there (ties: the first class in
        `class_names`), so a voxel can be one class only.
-    2. Candidates are the voxels whose score is the largest within a ball of radius min(d_k) (the
-       smallest minimum distance, at least 1 voxel) and at least their class's threshold.
+    2. Candidates are the voxels whose score is at least their class's threshold and the largest
+       in the cube inscribed in a ball of radius min(d_k) (half-width max(1, floor(min(d_k) /
+       sqrt(3)))): a separable filter, and a voxel it drops has a higher one within min(d_k).
     3. Greedy non-maximum suppression by decreasing score: a candidate is dropped if a kept peak
        lies closer than max(d_a, d_b) voxels, a and b the two classes (d_k about the particle
        radius of class k).
-    4. Each class keeps at most its `top_k` best peaks.
+    4. Each class keeps at most its `top_k` best peaks (the suppression stops early once every
+       class has them).
 
     Args:
         matches: class name -> `TemplateMatch`, all of the tomogram's shape.
@@ -350,10 +345,8 @@ def pick_peaks(
         winner[better] = names.index(name) + 1
 
     # 2. Local maxima above their class's threshold.
-    radius = max(1.0, float(min(dist[[names.index(n) + 1 for n in order]])))
-    local_max = scipy.ndimage.maximum_filter(
-        best, footprint=_ball(radius), mode="constant", cval=-np.inf
-    )
+    half = max(1, math.floor(min(dist[[names.index(n) + 1 for n in order]]) / math.sqrt(3)))
+    local_max = scipy.ndimage.maximum_filter(best, size=2 * half + 1, mode="constant", cval=-np.inf)
     peak = (best == local_max) & (best >= thresholds[winner]) & np.isfinite(best)
     candidates = np.argwhere(peak)
     cand_scores = best[tuple(candidates.T)].astype(np.float64)
@@ -365,12 +358,17 @@ def pick_peaks(
     kept = []
     if len(candidates):
         tree = scipy.spatial.cKDTree(candidates)
-        reach = float(dist[np.unique(cand_class)].max())
+        classes_present = np.unique(cand_class)
+        reach = float(dist[classes_present].max())
         suppressed = np.zeros(len(candidates), dtype=bool)
+        n_kept = np.zeros(len(names) + 1, dtype=np.int64)
         for i in range(len(candidates)):
+            if np.all(n_kept[classes_present] >= limits[classes_present]):
+                break  # later peaks could only join classes that are full
             if suppressed[i]:
                 continue
             kept.append(i)
+            n_kept[cand_class[i]] += 1
             near = np.asarray(tree.query_ball_point(candidates[i], reach), dtype=np.int64)
             gap = np.linalg.norm(candidates[near] - candidates[i], axis=1)
             suppressed[near[gap < np.maximum(dist[cand_class[i]], dist[cand_class[near]])]] = True
