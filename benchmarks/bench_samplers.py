@@ -8,9 +8,10 @@ Three parts, all float32 on the CPU, in one run:
   (`load_template("4cr2")`, 10 A) padded into 64^3, normalised to [0, 1], noise sigma 0.2, +-60 deg
   missing wedge. Milliseconds per iteration for 1 chain and 8 chains: the bare kernel
   (`jit(vmap(alg.step))`, one call per iteration), the kernel in a jitted `lax.scan` of 20 steps
-  (no statistics), the same scan with the chains run one after the other (`lax.map`), and split
-  over 2 host devices (`shard_map`, child process), and `run_chains` with every step kept (all
-  statistics updated). A profile times each piece of one iteration on its own: perturbation +
+  (no statistics), the same scan with the chains run one after the other (`lax.map`), and
+  `run_chains` with every step kept (all statistics updated): with its default devices (the
+  package asks JAX for one CPU device per core, and `run_chains` splits the chains among them) and
+  with the chains kept on one device. A profile times each piece of one iteration on its own: perturbation +
   data projection, the TV denoiser, the fidelity, and the runner's streaming statistics (Welford,
   split halves, P^2 sketches).
 - `ula`: a 2D 128^2 tomography posterior (Shepp-Logan, 61 tilts from -60 to 60 deg, Gaussian
@@ -45,7 +46,6 @@ Only a complete full-size run rewrites results/samplers.json, the PNG and the RE
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -213,16 +213,22 @@ class StepClock:
 
     def segment_ms_per_step(self, segment: int, steps: int) -> list[float]:
         """Per-step time of each full segment after the first (end of a segment to end of the
-        next, so every host round trip between segments is included), in ms."""
-        if len(self.stamps) != steps:
+        next, so every host round trip between segments is included), in ms.
+
+        With the chains split over d devices every device stamps each step (d stamps per step,
+        not in step order across devices); segments end on all devices before the next starts,
+        so the segments' ends are every (d x segment)-th stamp in time order."""
+        calls, rest = divmod(len(self.stamps), steps)
+        if rest or not calls:
             raise RuntimeError(
-                f"expected one time stamp per step ({steps}), got {len(self.stamps)}"
+                f"expected the same number of time stamps for each of {steps} steps, got "
+                f"{len(self.stamps)}"
             )
-        ends = np.asarray(self.stamps)[segment - 1 :: segment]
+        ends = np.sort(self.stamps)[calls * segment - 1 :: calls * segment]
         return list(1e3 * np.diff(ends) / segment)
 
 
-def runner_per_step(key, algorithm, starts, steps: int, segment: int) -> dict:
+def runner_per_step(key, algorithm, starts, steps: int, segment: int, devices=None) -> dict:
     """`run_chains` (every step kept, so every statistic is updated) timed by a `StepClock`: the
     median over segments of the time per step, compilation excluded."""
     from cryojax_mw.sampling import run_chains
@@ -230,15 +236,17 @@ def runner_per_step(key, algorithm, starts, steps: int, segment: int) -> dict:
     clock = StepClock()
     t0 = time.perf_counter()
     summary = run_chains(
-        key, algorithm, starts, steps, 0, segment_steps=segment, trace_fns={"clock": clock.trace_fn}
-    )
+        key, algorithm, starts, steps, 0, segment_steps=segment,
+        trace_fns={"clock": clock.trace_fn}, devices=devices,
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     per_segment = clock.segment_ms_per_step(segment, steps)
-    stamps = clock.stamps
+    stamps = np.sort(clock.stamps)
     return {
         "per_iteration_ms": float(np.median(per_segment)),
         "segment_ms_per_step": per_segment,
-        "mean_ms_per_step": 1e3 * (stamps[-1] - stamps[0]) / (len(stamps) - 1),
+        "mean_ms_per_step": 1e3 * (stamps[-1] - stamps[0]) / (steps - 1),
+        "devices_used": len(clock.stamps) // steps,
         "steps": steps,
         "segment_steps": segment,
         "call_s": wall,
@@ -383,30 +391,35 @@ def run_mwr(quick: bool) -> dict:
             chains,
             r["per_iteration_ms"],
             min(r["segment_ms_per_step"]),
-            note=f"{steps} steps, median over segments of {segment}",
+            note=f"{steps} steps, median over segments of {segment}; chains split over "
+            f"{r['devices_used']} device(s)",
             runner=r,
         )
+        if chains > 1:
+            log(f"[mwr] {chains} chains: run_chains on one device")
+            r = runner_per_step(key, alg, starts, steps, segment, devices=jax.devices()[:1])
+            add(
+                "run_chains (all statistics), one device",
+                chains,
+                r["per_iteration_ms"],
+                min(r["segment_ms_per_step"]),
+                note=f"{steps} steps, median over segments of {segment}",
+                runner=r,
+            )
         log(f"[mwr] {chains} chain(s): profile")
         profiles[str(chains)] = mwr_profile(alg, y, mask, start, chains)
 
-    sharded = run_sharded_child(n, max(MWR_CHAINS))
-    for method, t in sharded.get("timings", {}).items():
-        add(
-            method,
-            max(MWR_CHAINS),
-            t["median_ms"] / MWR_SCAN_STEPS,
-            t["min_ms"] / MWR_SCAN_STEPS,
-            timing=t,
-            note="child process, 2 host devices",
-        )
-
     # Ratios 8 chains / 1 chain per iteration, each method against the same method on one chain
-    # (the lax.map and sharded variants against the vmapped one-chain scan, their common base).
+    # (the lax.map variant and the one-device run_chains against their one-chain counterparts).
     one = {r["method"]: r["per_iteration_ms"] for r in rows if r["chains"] == 1}
-    base = f"kernel scan ({MWR_SCAN_STEPS} steps, vmap)"
+    base = {
+        f"kernel scan ({MWR_SCAN_STEPS} steps, lax.map over chains)":
+            f"kernel scan ({MWR_SCAN_STEPS} steps, vmap)",
+        "run_chains (all statistics), one device": "run_chains (all statistics)",
+    }  # fmt: skip
     for r in rows:
         if r["chains"] > 1:
-            ref = one.get(r["method"], one.get(base))
+            ref = one.get(base.get(r["method"], r["method"]))
             r["ratio_to_one_chain"] = r["per_iteration_ms"] / ref if ref else None
     return {
         "shape": [n, n, n],
@@ -420,67 +433,8 @@ def run_mwr(quick: bool) -> dict:
         },
         "rows": rows,
         "profile_ms": profiles,
-        "sharded": sharded,
+        "devices": [str(d) for d in jax.devices()],
     }
-
-
-def run_sharded_child(n: int, chains: int) -> dict:
-    """The 8-chain kernel scan with the chains split over 2 host devices, in a child process (the
-    device count is fixed when JAX starts)."""
-    log(f"[mwr] {chains} chains sharded over 2 host devices (child process)")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    ).strip()
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--sharded-child", str(n), str(chains)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return {"error": f"child exited with code {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def sharded_child(n: int, chains: int) -> None:
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from cryojax_mw import sampling
-    from cryojax_mw.denoisers import TVDenoiser
-
-    _, y, mask, start = dataset_a(n)
-    beta = MWR_BETA_PER_VOXEL_VAR * y.size * float(jnp.var(y))
-    alg = sampling.mwr(y, mask, TVDenoiser(MWR_TV_LAM, MWR_TV_ITERS), MWR_SIGMA_EPS, beta)
-    mesh = jax.make_mesh((len(jax.devices()),), ("chains",))
-    sharding = NamedSharding(mesh, P("chains"))
-    states = jax.device_put(jax.vmap(alg.init)(jnp.stack([start] * chains)), sharding)
-
-    def local_scan(keys, s):
-        # Each device runs its own chains one after the other, MWR_SCAN_STEPS steps.
-        def body(s, i):
-            ks = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-            s, info = jax.lax.map(lambda a: alg.step(*a), (ks, s))
-            return s, info.acceptance_rate
-
-        return jax.lax.scan(body, s, jnp.arange(MWR_SCAN_STEPS))
-
-    keys = jax.device_put(jax.random.split(jax.random.key(SEED), chains), sharding)
-    mapped = jax.jit(
-        jax.shard_map(
-            local_scan,
-            mesh=mesh,
-            in_specs=(P("chains"), P("chains")),
-            out_specs=(P("chains"), P(None, "chains")),
-        )
-    )
-    name = f"kernel scan ({MWR_SCAN_STEPS} steps, lax.map over chains), shard_map over 2 devices"
-    timings = {name: _timed(mapped, keys, states)}
-    print(json.dumps({"devices": len(jax.devices()), "timings": timings}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,7 +760,7 @@ def evaluate_targets(result: dict) -> list[dict]:
             "run_chains (all statistics)",
             "kernel step: jit(vmap(step))",
             f"kernel scan ({MWR_SCAN_STEPS} steps, lax.map over chains)",
-            f"kernel scan ({MWR_SCAN_STEPS} steps, lax.map over chains), shard_map over 2 devices",
+            "run_chains (all statistics), one device",
         ):
             r = _row(mwr["rows"], method, 8)
             v = r.get("ratio_to_one_chain") if r else None
@@ -1051,12 +1005,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run (default: all)"
     )
-    p.add_argument("--sharded-child", nargs=2, type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.sharded_child is not None:
-        sharded_child(*args.sharded_child)
-        return 0
-
     dirty = _git_dirty_package_files()
     if dirty:
         log(f"warning: the package has uncommitted changes: {', '.join(dirty)}")

@@ -6,7 +6,11 @@ sizes in Angstrom travel with the data. Sub-packages: `operators`, `reconstruct`
 `sampling`, `simulate`, `metrics`, `io`, `plot`, `cli`.
 """
 
-from . import denoisers, io, metrics, operators, reconstruct, sampling, simulate
+from ._devices import use_all_cpu_cores
+
+use_all_cpu_cores()  # before blackjax's import starts JAX's backends
+
+from . import denoisers, io, metrics, operators, reconstruct, sampling, simulate  # noqa: E402
 from .denoisers import GaussianDenoiser, TVDenoiser
 from .io import (
     ParticleList,

@@ -3,6 +3,10 @@
 import jax
 import pytest
 
+# Imported before any test module starts JAX (blackjax's import does), so the tests see the CPU
+# devices the package asks for, one per core, as a user's program that imports it first does.
+import cryojax_mw  # noqa: F401
+
 
 class TraceCounter:
     """Counts jaxpr traces (each new compilation starts with one) while active."""

@@ -143,6 +143,29 @@ def test_same_key_same_summary_and_checkpoint_resume_gives_the_same_numbers(tmp_
                    checkpoint=path)  # fmt: skip
 
 
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (one per CPU core)")
+def test_chains_split_over_devices_give_what_one_device_gives():
+    truth, y, _, alg = _small_mwr()
+    starts = _denoised_starts(y, 4)
+    split = run_chains(jax.random.key(5), alg, starts, 40, 10, truth=truth, segment_steps=9,
+                       progress=True)  # fmt: skip
+    one = run_chains(jax.random.key(5), alg, starts, 40, 10, truth=truth, segment_steps=9,
+                     devices=jax.devices()[:1])  # fmt: skip
+    # The same keys reach the same chains; vmaps of 2 and of 4 chains may round differently.
+    for name in ("mean", "std", "ci_low", "ci_high", "rhat", "map_estimate", "acceptance_rate"):
+        np.testing.assert_allclose(getattr(split, name), getattr(one, name), rtol=1e-5, atol=1e-6)
+    for name in ("psnr", "fidelity"):
+        np.testing.assert_allclose(split.traces[name], one.traces[name], rtol=1e-5, atol=1e-6)
+    # exp((D(x) - D(z)) / beta): a rounding of 1e-7 in the sums D over the image is ~1e-4 of beta.
+    np.testing.assert_allclose(split.traces["acceptance"], one.traces["acceptance"], atol=1e-3)
+    assert split.diagnostics.keys() == one.diagnostics.keys()
+    # Three chains do not divide over 2 devices: they run on one.
+    odd = run_chains(jax.random.key(5), alg, starts[:3], 40, 10, segment_steps=9)
+    assert odd.mean.shape == y.shape
+    with pytest.raises(ValueError, match="devices is empty"):
+        run_chains(jax.random.key(5), alg, starts, 40, 10, devices=[])
+
+
 def test_mwr_restores_the_wedge_and_reports_its_uncertainty():
     truth, y, _, alg = _small_mwr()
     summary = run_chains(jax.random.key(3), alg, _denoised_starts(y, 4), 300, 100, truth=truth)
@@ -242,7 +265,9 @@ def test_pnp_ula_with_the_exact_gaussian_denoiser_samples_the_widened_prior_post
         shrink = power / (power + eps**2)
         return jnp.fft.irfftn(shrink * jnp.fft.rfftn(x, norm="ortho"), s=x.shape, norm="ortho")
 
-    widened = GaussianFourierPosterior(post.y, post.mask, NOISE, np.asarray(post.prior_power) + eps**2)
+    widened = GaussianFourierPosterior(
+        post.y, post.mask, NOISE, np.asarray(post.prior_power) + eps**2
+    )
     step = 0.1 / _lipschitz(widened)
     alg = sampling.pnp_ula(post.loglikelihood, denoiser, eps, step)
     summary = run_chains(jax.random.key(8), alg, _start(post, 32), 6000, 1000)
@@ -267,5 +292,5 @@ def test_myula_drift_is_the_likelihood_gradient_with_a_vanishing_prior_and_denoi
 
     alg = sampling.myula(loglik, 8.0, 0.02, 0.005)
     summary = run_chains(jax.random.key(1), alg, jnp.stack([x0] * 4), 1500, 500)
-    mse = lambda a: float(np.mean((a - clean) ** 2))  # noqa: E731
+    mse = lambda a: float(np.mean((a - clean) ** 2))
     assert mse(summary.mean) < 0.5 * mse(y)  # the TV prior removes noise

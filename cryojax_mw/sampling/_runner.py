@@ -7,6 +7,11 @@ credible interval per voxel (streaming P^2 quantiles), the acceptance rate, spli
 subset of tracked voxels whose draws are kept, scalar traces, and for Metropolis-Hastings samplers
 the most visited state (the "MAP" of the thesis). Step i uses the key fold_in(rng_key, i), so a run
 cut into segments, checkpointed and resumed gives the same numbers as one uninterrupted run.
+
+Chains are independent, so with several devices they are split among them (`shard_map`), each
+device running a `vmap` over its share. XLA:CPU runs these kernels on one thread per device, so
+on a CPU the cores are used only if JAX was started with several CPU devices:
+`jax.config.update("jax_num_cpu_devices", n)` before any computation (the command line does this).
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from ..io import atomic_write
@@ -118,6 +125,7 @@ def run_chains(
     segment_steps: int | None = None,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
+    devices: Sequence[jax.Device] | None = None,
 ) -> ChainSummary:
     """Run `len(initial_positions)` chains of `algorithm` and summarise them without storing
     samples.
@@ -139,7 +147,11 @@ def run_chains(
             default about a tenth of the run.
         checkpoint: a file (.npz) saved after each segment; a later call with the same arguments
             resumes from it and returns what an uninterrupted run would.
-        progress: show a progress bar with the acceptance rate (and the final max R-hat).
+        progress: show a progress bar with the acceptance rate of the last segment and the
+            largest rank-normalised R-hat of the tracked voxels over the draws kept so far.
+        devices: devices to split the chains among (default: all devices of JAX's default
+            backend). As many are used as divide the number of chains; results do not depend on
+            how many.
 
     Returns:
         A `ChainSummary`.
@@ -185,8 +197,15 @@ def run_chains(
     )
     has_fidelity = hasattr(states, "fidelity")
 
+    mesh = _chain_mesh(n_chains, devices)
+    n_local = n_chains // (mesh.size if mesh is not None else 1)
+
     def one_step(carry: _Carry, i):
         keys = jax.random.split(jax.random.fold_in(rng_key, i), n_chains)
+        if mesh is not None:
+            # Every device draws all chains' keys and takes its own: the same keys as unsplit.
+            first = jax.lax.axis_index(_CHAINS) * n_local
+            keys = jax.lax.dynamic_slice_in_dim(keys, first, n_local)
         states, info = jax.vmap(algorithm.step)(keys, carry.states)
         x = states.position
         kept = (i >= burn_in) & ((i - burn_in) % thin == 0)
@@ -197,7 +216,7 @@ def run_chains(
                 moments=stats.welford_update(c.moments, x),
                 halves=stats.split_halves_update(c.halves, x, j, num_kept),
                 quantiles=stats.p2_update(c.quantiles, x[None]),
-                tracked=c.tracked.at[:, j].set(x.reshape(n_chains, -1)[:, tracked_index]),
+                tracked=c.tracked.at[:, j].set(x.reshape(n_local, -1)[:, tracked_index]),
             )
 
         carry = carry._replace(states=states)
@@ -224,15 +243,34 @@ def run_chains(
             traces[name] = jax.vmap(fn)(x)
         return carry, traces
 
-    @jax.jit
-    def run_segment(carry, steps):
+    def scan_segment(carry, steps):
         return jax.lax.scan(one_step, carry, steps)
+
+    if mesh is None:
+        run_segment = jax.jit(scan_segment)
+    else:
+        specs = _carry_specs(carry)
+        run_segment = jax.jit(
+            jax.shard_map(
+                scan_segment,
+                mesh=mesh,
+                in_specs=(specs, P()),
+                out_specs=(specs, P(None, _CHAINS)),
+                # The algorithm's own loops (a denoiser's scan) start from constants that the
+                # per-device type check would call replicated; chains are independent anyway.
+                check_vma=False,
+            )
+        )
 
     segment = segment_steps or max(1, math.ceil(num_steps / 10))
     fingerprint = _fingerprint(rng_key, carry, num_steps, burn_in, thin, level, segment)
     start, trace_chunks = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
         carry, start, trace_chunks = _load_checkpoint(Path(checkpoint), carry, fingerprint)
+    if mesh is not None:
+        is_spec = lambda x: isinstance(x, P)
+        shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=is_spec)
+        carry = jax.device_put(carry, shardings)
 
     bar = tqdm(total=num_steps, initial=start, desc="sampling", unit="step", disable=not progress)
     while start < num_steps:
@@ -244,16 +282,48 @@ def run_chains(
             _save_checkpoint(Path(checkpoint), carry, start, trace_chunks, fingerprint)
         if progress:
             bar.update(stop - bar.n)
-            bar.set_postfix(accept=f"{float(np.mean(traces['acceptance'])):.2f}")
-    summary = _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains)
-    if progress:
-        # Split R-hat needs both half-chains complete, so it is shown once the run is done.
-        bar.set_postfix(
-            accept=f"{float(np.mean(summary.acceptance_rate)):.2f}",
-            max_rhat=f"{summary.diagnostics['voxel_rhat_max']:.3f}",
-        )
+            kept_so_far = min(max(0, (stop - burn_in + thin - 1) // thin), num_kept)
+            bar.set_postfix(
+                accept=f"{float(np.mean(traces['acceptance'])):.2f}",
+                rhat=_running_rhat(carry.tracked, kept_so_far),
+            )
     bar.close()
-    return summary
+    return _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains)
+
+
+_CHAINS = "chains"
+
+
+def _chain_mesh(n_chains: int, devices) -> jax.sharding.Mesh | None:
+    """A one-axis mesh over as many of `devices` as divide the chain count (None for one)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices is empty: give at least one device, or None for all")
+    used = max(d for d in range(1, len(devices) + 1) if n_chains % d == 0)
+    if used == 1:
+        return None
+    return jax.sharding.Mesh(np.array(devices[:used]), (_CHAINS,))
+
+
+def _carry_specs(carry: _Carry) -> _Carry:
+    """Where each carried array has its chain axis: first, except in the P^2 sketches, whose
+    heights and positions are (levels, markers, chains, ...) and whose levels and count are
+    shared."""
+    chains_first = P(_CHAINS)
+    sketch = carry.quantiles._replace(
+        levels=P(), heights=P(None, None, _CHAINS), positions=P(None, None, _CHAINS), count=P()
+    )
+    specs = {name: chains_first for name in _Carry._fields}
+    return _Carry(**{**specs, "quantiles": sketch})
+
+
+def _running_rhat(tracked, kept: int) -> str:
+    """The largest rank-normalised split R-hat of the tracked voxels over the first `kept` draws
+    (for the progress bar; '-' until there are 2 chains and 4 draws)."""
+    if tracked.shape[0] < 2 or kept < 4:
+        return "-"
+    rhat = np.asarray(diag.rank_normalized_split_rhat(np.asarray(tracked[:, :kept])))
+    return f"{np.nanmax(rhat):.3f}" if np.any(np.isfinite(rhat)) else "-"
 
 
 def _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains) -> ChainSummary:
