@@ -170,11 +170,13 @@ def match_template(
     """Normalised cross-correlation of a template over a tomogram, best over a rotation grid.
 
     The tomogram is standardised (the score does not depend on its offset or scale) and padded
-    with its mean by half a template on each side, so correlations do not wrap around; positions
-    whose mask reaches past the border see that flat padding.
+    with its mean (zero after standardisation) by at least a template's width per axis, so the
+    circular FFT correlations do not wrap around; positions whose mask reaches past the border see
+    that flat padding.
 
     Args:
-        tomogram: real (z, y, x) array (float64 stays float64, anything else becomes float32).
+        tomogram: real (z, y, x) array; computed in float32, or float64 for a float64 array with
+            x64 enabled.
         template: (m, m, m) density, m odd, centred on its central voxel (e.g.
             `load_template(...).density`); rotated about that voxel in RELION's convention, as the
             simulator places particles (`rotate_volume`), with trilinear interpolation.
