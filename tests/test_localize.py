@@ -236,6 +236,12 @@ def test_cluster_scores_are_mean_probabilities_over_members():
     by_map = cluster_connected_components(
         labels, class_names=("a", "b"), voxel_size=1.0, scores=probs[..., 0]
     )
+    only_b = cluster_connected_components(
+        labels, class_names=("a", "b"), voxel_size=1.0, scores=probs, classes=("b",)
+    )
+    assert only_b.particles.class_names == ("b",) and len(only_b) == 1
+    ball = _ball_voxels(labels.shape, only_b.particles.positions[0], 4.2)
+    assert only_b.scores[0] == pytest.approx(probs[..., 2][ball].mean(), rel=1e-12)
     assert len(found) == len(by_map) == 3
     for detections, channel in ((found, None), (by_map, 0)):
         for i in range(len(detections)):
@@ -252,7 +258,7 @@ def test_size_limits_per_class_and_excluded_classes():
     found = cluster_mean_shift(
         labels, bandwidth=6.0, class_names=names, voxel_size=1.0, classes=("a", "b")
     )
-    assert len(found) == 4 and 3 not in found.particles.class_ids
+    assert len(found) == 4 and found.particles.class_names == ("a", "b")
     limited = cluster_mean_shift(
         labels,
         bandwidth=6.0,
@@ -323,15 +329,8 @@ def test_segment_cluster_evaluate_recovers_simulated_particles():
         classes=config.classes,
         min_cluster_size=50,
     )
-    predicted = ParticleList(
-        class_names=config.classes,
-        class_ids=found.particles.class_ids,
-        positions=found.particles.positions,
-        angles_deg=found.particles.angles_deg,
-        voxel_size=config.voxel_size,
-        tomo_name=sim.particles.tomo_name,
-    )
-    scores = evaluate_detections(predicted, sim.particles, max_distance=3.0)
+    assert found.particles.class_names == sim.particles.class_names == config.classes
+    scores = evaluate_detections(found.particles, sim.particles, max_distance=3.0)
     assert scores.classification["f1"] == 1.0
     assert scores.mean_distance < 1.0
 

@@ -88,8 +88,10 @@ def _per_class(
     return out
 
 
-def _check_label_map(label_map, class_names, classes) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The label map with labels outside `classes` set to background, and the class names."""
+def _check_label_map(label_map, class_names, classes):
+    """The label map relabelled to the output classes (`classes`, default all of `class_names`;
+    other labels become background), the output class names, and for each output id the label
+    it came from (its channel in a probability map)."""
     labels = np.asarray(label_map)
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
@@ -103,14 +105,18 @@ def _check_label_map(label_map, class_names, classes) -> tuple[np.ndarray, tuple
             f"{len(names)} classes (label k is class_names[k - 1], 0 is background); give a name "
             "to every label"
         )
-    if classes is not None:
-        unknown = sorted(set(classes) - set(names))
-        if unknown:
-            raise ValueError(f"classes {unknown} are not in class_names {list(names)}")
-        keep = np.zeros(len(names) + 1, dtype=bool)
-        keep[[names.index(c) + 1 for c in classes]] = True
-        labels = np.where(keep[labels], labels, 0)
-    return labels, names
+    if classes is None:
+        return labels, names, np.arange(len(names) + 1)
+    classes = tuple(classes)
+    unknown = sorted(set(classes) - set(names))
+    if unknown:
+        raise ValueError(f"classes {unknown} are not in class_names {list(names)}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes lists a class twice: {list(classes)}")
+    channels = np.array([0] + [names.index(c) + 1 for c in classes])
+    relabel = np.zeros(len(names) + 1, dtype=np.int16)
+    relabel[channels] = np.arange(len(channels))
+    return relabel[labels], classes, channels
 
 
 def _cluster_table(
@@ -120,6 +126,7 @@ def _cluster_table(
     n_clusters: int,
     *,
     class_names: tuple[str, ...],
+    channels: np.ndarray,
     scores,
     min_size: np.ndarray,
     max_size: np.ndarray,
@@ -146,7 +153,7 @@ def _cluster_table(
         if scores.ndim == 3:
             member_scores = scores[tuple(coords.T)]
         else:
-            member_scores = scores[(*coords.T, winner[cluster])]
+            member_scores = scores[(*coords.T, channels[winner[cluster]])]
         score = np.bincount(
             cluster, weights=member_scores.astype(np.float64), minlength=n_clusters
         ) / np.maximum(sizes, 1)
@@ -349,21 +356,23 @@ def cluster_mean_shift(
         class_names: names of the labels 1..K.
         voxel_size: Angstrom per voxel, carried into the particle list.
         min_cluster_size: smallest cluster kept, in voxels: one number or a mapping from class
-            name to number (classes left out: 1). Smaller clusters are false positives in the
+            name (of the clustered classes) to number (classes left out: 1). Smaller clusters are false positives in the
             thesis's analysis.
         max_cluster_size: largest cluster kept, same forms (None: no limit).
         scores: optional per-voxel confidence, (z, y, x) (e.g. `Segmentation.max_probability`:
-            score = its mean over the cluster) or (z, y, x, K + 1) class probabilities (score =
-            the mean probability of the cluster's class over its voxels). Default: the size.
-        classes: names of the classes to cluster (default all); voxels of other classes count as
-            background (e.g. leave membranes out).
+            score = its mean over the cluster) or (z, y, x, K + 1) class probabilities over all
+            of `class_names` (score = the mean probability of the cluster's class over its
+            voxels). Default: the size.
+        classes: names of the classes to cluster (default all), which are also the particle
+            list's classes, in this order; voxels of other classes count as background (e.g.
+            leave membranes out, and get a list comparable with the simulator's particles).
         tomo_name: name written in the particle list.
 
     Returns:
         `Detections` ordered by class, then by decreasing score; angles are zero.
     """
-    labels, names = _check_label_map(label_map, class_names, classes)
-    scores = _check_scores(scores, labels.shape, len(names) + 1)
+    labels, names, channels = _check_label_map(label_map, class_names, classes)
+    scores = _check_scores(scores, labels.shape, len(class_names) + 1)
     min_size = _per_class(min_cluster_size, names, 1, "min_cluster_size")
     max_size = _per_class(max_cluster_size, names, None, "max_cluster_size")
     coords = np.argwhere(labels > 0)
@@ -378,6 +387,7 @@ def cluster_mean_shift(
         labels[tuple(coords.T)].astype(np.int64),
         n_clusters,
         class_names=names,
+        channels=channels,
         scores=scores,
         min_size=min_size,
         max_size=max_size,
@@ -407,15 +417,16 @@ def cluster_connected_components(
         min_cluster_size: smallest component kept, in voxels (number or per-class mapping).
         max_cluster_size: largest component kept (None: no limit).
         scores: optional (z, y, x) or (z, y, x, K + 1) confidence, as in `cluster_mean_shift`.
-        classes: names of the classes to label (default all).
+        classes: names of the classes to label (default all), which are also the particle
+            list's classes, in this order.
         connectivity: 1 (faces, 6 neighbours), 2 (and edges, 18) or 3 (and corners, 26).
         tomo_name: name written in the particle list.
 
     Returns:
         `Detections` ordered by class, then by decreasing score; angles are zero.
     """
-    labels, names = _check_label_map(label_map, class_names, classes)
-    scores = _check_scores(scores, labels.shape, len(names) + 1)
+    labels, names, channels = _check_label_map(label_map, class_names, classes)
+    scores = _check_scores(scores, labels.shape, len(class_names) + 1)
     if connectivity not in (1, 2, 3):
         raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}")
     structure = scipy.ndimage.generate_binary_structure(3, connectivity)
@@ -435,6 +446,7 @@ def cluster_connected_components(
         labels[tuple(coords.T)].astype(np.int64),
         n_clusters,
         class_names=names,
+        channels=channels,
         scores=scores,
         min_size=min_size,
         max_size=max_size,
