@@ -3,14 +3,14 @@
 Conventions: volumes are (z, y, x) with z the beam at 0 deg and y the tilt axis; tilt series are
 (n_tilts, y, x); 2D images are (z, x) and sinograms (n_tilts, x); angles are in degrees; voxel
 sizes in Angstrom travel with the data. Sub-packages: `operators`, `reconstruct`, `denoisers`,
-`sampling`, `simulate`, `metrics`, `io`, `plot`, `cli`.
+`sampling`, `simulate`, `localize`, `metrics`, `io`, `plot`, `cli`.
 """
 
 from ._devices import use_all_cpu_cores
 
 use_all_cpu_cores()  # before blackjax's import starts JAX's backends
 
-from . import denoisers, io, metrics, operators, reconstruct, sampling, simulate  # noqa: E402
+from . import denoisers, io, localize, metrics, operators, reconstruct, sampling, simulate  # noqa: E402
 from .denoisers import GaussianDenoiser, TVDenoiser
 from .io import (
     ParticleList,
@@ -88,6 +88,7 @@ __all__ = [
     "gaussian_sigma_for_snr",
     "io",
     "load_template",
+    "localize",
     "maggioni_restore",
     "metrics",
     "missing_pyramid_mask",

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..io import ParticleList
 from ..operators import missing_wedge_mask
-from ..simulate._rotations import _rotate, euler_zyz_to_matrix
+from ..simulate import euler_zyz_to_matrix, rotate_with_matrix
 from ._clustering import Detections, _per_class
 
 # Local variances below this fraction of the tomogram's variance are treated as empty (score 0):
@@ -130,8 +130,8 @@ def _match_rotations(
     def one(carry, item):
         best, best_index = carry
         matrix, index = item
-        t = _rotate(template, matrix, m)
-        msk = (_rotate(mask, matrix, m) > 0.5).astype(t.dtype) if rotate_mask else mask
+        t = rotate_with_matrix(template, matrix, m)
+        msk = (rotate_with_matrix(mask, matrix, m) > 0.5).astype(t.dtype) if rotate_mask else mask
         if wedge is not None:
             # Filter in a box twice the template's size so the wedge's streaks do not wrap.
             pad = (wedge.shape[0] - m) // 2

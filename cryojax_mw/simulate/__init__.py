@@ -22,7 +22,13 @@ from ._dataset import (
 )
 from ._phantoms import random_blobs, shepp_logan
 from ._placement import bilayer_profile, ellipsoid, flat_membrane, gold_bead, vesicle
-from ._rotations import euler_zyz_to_matrix, matrix_to_euler_zyz, random_euler_zyz, rotate_volume
+from ._rotations import (
+    euler_zyz_to_matrix,
+    matrix_to_euler_zyz,
+    random_euler_zyz,
+    rotate_volume,
+    rotate_with_matrix,
+)
 from ._templates import Template, available_templates, default_template_folder, load_template
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "random_blobs",
     "random_euler_zyz",
     "rotate_volume",
+    "rotate_with_matrix",
     "shepp_logan",
     "simulate_tilt_series",
     "simulate_tomogram",

@@ -72,7 +72,10 @@ def random_euler_zyz(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("out_size",))
-def _rotate(volume: jax.Array, matrix: jax.Array, out_size: int) -> jax.Array:
+def rotate_with_matrix(volume: jax.Array, matrix: jax.Array, out_size: int) -> jax.Array:
+    """`rotate_volume` for JAX code: a cubic volume turned by the rotation matrix `matrix` (as
+    from `euler_zyz_to_matrix`), particle(r) = volume(Aᵀ r), trilinear, zero outside, into an
+    (out_size,)*3 box centred on the same point; jitted, traceable and differentiable."""
     centre_in = (jnp.asarray(volume.shape, matrix.dtype) - 1) / 2
     offsets = jnp.arange(out_size, dtype=matrix.dtype) - (out_size - 1) / 2
     z, y, x = jnp.meshgrid(offsets, offsets, offsets, indexing="ij")
@@ -104,4 +107,4 @@ def rotate_volume(volume, angles_deg, out_size: int | None = None) -> np.ndarray
         raise ValueError(f"rotate_volume needs a 3D volume, got shape {volume.shape}")
     size = volume.shape[0] if out_size is None else int(out_size)
     matrix = jnp.asarray(euler_zyz_to_matrix(angles_deg), jnp.float32)
-    return np.asarray(_rotate(jnp.asarray(volume), matrix, size))
+    return np.asarray(rotate_with_matrix(jnp.asarray(volume), matrix, size))
