@@ -5,11 +5,12 @@ confusion matrix).
 """
 
 from ._clustering import Detections, cluster_connected_components, cluster_mean_shift, mean_shift
-from ._evaluate import Evaluation, evaluate_detections
+from ._evaluate import MATCHINGS, Evaluation, evaluate_detections
 from ._inference import Segmentation, segment_tomogram
 from ._template_matching import TemplateMatch, match_template, pick_peaks, rotation_grid
 
 __all__ = [
+    "MATCHINGS",
     "Detections",
     "Evaluation",
     "Segmentation",

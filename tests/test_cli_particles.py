@@ -1,0 +1,134 @@
+"""The particle-finding commands end to end: localize (segmentation -> particle list) and evaluate
+(particle list against the truth)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cryojax_mw import io
+from cryojax_mw.cli import main
+from cryojax_mw.simulate import SimulationConfig, write_dataset
+
+# Compact templates only: a hollow one (4v94) falls apart into several clusters.
+CLASSES = ("1bxn", "3qm1", "2cg9")
+
+
+def run(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    config = SimulationConfig(
+        shape=(40, 80, 80), classes=CLASSES, n_particles=12, occupancy=None, n_vesicles=0,
+        n_gold=0, n_decoys=0,
+    )  # fmt: skip
+    return write_dataset(tmp_path_factory.mktemp("data"), config, 1, seed=2, progress=False)
+
+
+@pytest.mark.parametrize("method", ["components", "mean-shift"])
+def test_true_labels_localize_to_the_true_particles(dataset, tmp_path, capsys, method):
+    # Mean-shift's bandwidth is the largest class's radius (1bxn: 497 voxels, a 4.9-voxel ball);
+    # at 3 voxels it splits particles (F1 0.65), at 4 one of the 12 (0.96).
+    out = tmp_path / "found.star"
+    code, stdout, err = run(
+        ["localize", "--segmentation", dataset / "tomo_000_labels.mrc", "--out", out,
+         "--method", method, "--bandwidth", 5, "--classes", ",".join(CLASSES)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    found, truth = io.read_particles(out), io.read_particles(dataset / "tomo_000_particles.star")
+    assert found.class_names == truth.class_names == CLASSES
+    assert f"{len(found)} particles" in stdout
+
+    scores = tmp_path / "scores.json"
+    code, stdout, err = run(
+        ["evaluate", "--predicted", out, "--truth", dataset / "tomo_000_particles.star",
+         "--distance", 3, "--out", scores],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(scores.read_text())
+    # Every particle's label blob sits around its listed centre (the centre of mass of its
+    # shape), so each is found once, in its class, within 3 voxels.
+    assert result["localization"]["f1"] == 1.0
+    assert result["classification"]["f1"] == 1.0
+    assert "precision" in stdout and "false_positive" in stdout
+
+
+def test_evaluate_counts_a_moved_and_a_missing_particle(dataset, tmp_path, capsys):
+    truth = io.read_particles(dataset / "tomo_000_particles.star")
+    positions = truth.positions.copy()
+    positions[0] += 10.0  # out of reach: one false positive and one miss
+    moved = io.ParticleList(
+        class_names=truth.class_names, class_ids=truth.class_ids[:-1],
+        positions=positions[:-1], angles_deg=truth.angles_deg[:-1],
+        voxel_size=truth.voxel_size, tomo_name=truth.tomo_name,
+    )  # fmt: skip
+    pred = io.write_particles_csv(tmp_path / "pred.csv", moved)
+    scores = tmp_path / "scores.json"
+    code, _, err = run(
+        ["evaluate", "--predicted", pred, "--truth", dataset / "tomo_000_particles.star",
+         "--distance", 3, "--out", scores], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    loc = json.loads(scores.read_text())["localization"]
+    n = len(truth)
+    assert (loc["tp"], loc["fp"], loc["fn"]) == (n - 2, 1, 2)
+    assert loc["f1"] == pytest.approx(2 * (n - 2) / (2 * (n - 2) + 3))
+
+
+def test_segment_folder_input_and_scores(dataset, tmp_path, capsys):
+    # A `segment` output folder: labels, the max probability as scores, and the class names.
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    labels, voxel = io.read_mrc(dataset / "tomo_000_labels.mrc")
+    labels = np.where(labels <= len(CLASSES), labels, 0)
+    io.write_mrc(seg / "labels.mrc", labels, voxel, dtype=np.int8)
+    io.write_mrc(seg / "max_probability.mrc", np.full(labels.shape, 0.75, np.float32), voxel)
+    (seg / "segmentation.json").write_text(json.dumps({"class_names": list(CLASSES)}))
+    out = tmp_path / "found.csv"
+    code, _, err = run(
+        ["localize", "--segmentation", seg, "--out", out, "--method", "components"], capsys
+    )
+    assert code == 0, err
+    assert len(io.read_particles(out)) == len(io.read_particles(dataset / "tomo_000_particles.star"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--distance", "0"], "--distance must be > 0"),
+        (["--distance", "3", "--out", "TRUTH"], "input"),
+    ],
+)
+def test_evaluate_bad_input_is_one_error_line(dataset, capsys, args, message):
+    truth = dataset / "tomo_000_particles.star"
+    args = [str(truth) if a == "TRUTH" else a for a in args]
+    code, _, err = run(["evaluate", "--predicted", truth, "--truth", truth, *args], capsys)
+    assert code == 2
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_localize_bad_input_is_one_error_line(dataset, tmp_path, capsys):
+    labels = dataset / "tomo_000_labels.mrc"
+    cases = [
+        (["--out", tmp_path / "p.txt"], ".star or .csv"),
+        (["--out", tmp_path / "p.star", "--classes", "ribosome"], "ribosome"),
+        (["--out", tmp_path / "p.star", "--class-names", "a"], "only 1 class names"),
+        (["--out", tmp_path / "p.star", "--min-size", "1bxn=x"], "NAME=N"),
+    ]
+    for args, message in cases:
+        code, _, err = run(["localize", "--segmentation", labels, *args], capsys)
+        assert code == 2 and message in err, (args, err)
+    lone = tmp_path / "lone.mrc"
+    io.write_mrc(lone, np.zeros((8, 8, 8), np.float32), 10.0)
+    code, _, err = run(["localize", "--segmentation", lone, "--out", tmp_path / "q.star"], capsys)
+    assert code == 2 and "--class-names" in err
