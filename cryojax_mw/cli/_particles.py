@@ -125,10 +125,10 @@ def localize_cmd(seg_path, out_path, method, bandwidth, min_size, class_names, c
     unknown = set(keep or ()) - set(names)
     if unknown:
         raise UsageError(f"--classes names {sorted(unknown)}, not among {', '.join(names)}")
-    common = dict(
-        class_names=names, voxel_size=voxel, min_cluster_size=_min_sizes(min_size, keep or names),
-        scores=scores, classes=keep, tomo_name=_tomo_name(seg_path),
-    )  # fmt: skip
+    common = {
+        "class_names": names, "voxel_size": voxel, "scores": scores, "classes": keep,
+        "min_cluster_size": _min_sizes(min_size, keep or names), "tomo_name": _tomo_name(seg_path),
+    }  # fmt: skip
     if method == "mean-shift":
         found = localize.cluster_mean_shift(labels, bandwidth=bandwidth, **common)
     else:
