@@ -162,6 +162,11 @@ def run_chains(
     voxel_shape = positions.shape[1:]
     dtype = positions.dtype
     num_kept = (num_steps - burn_in + thin - 1) // thin
+    if num_kept > stats.p2_max_draws(dtype):
+        raise ValueError(
+            f"{num_kept} kept draws per chain is more than the quantile sketches count exactly in "
+            f"{dtype} ({stats.p2_max_draws(dtype)}); raise thin"
+        )
     n_voxels = math.prod(voxel_shape)
     tracked_index = np.random.default_rng(0).choice(
         n_voxels, size=min(num_tracked, n_voxels), replace=False
@@ -307,11 +312,11 @@ def _chain_mesh(n_chains: int, devices) -> jax.sharding.Mesh | None:
 
 def _carry_specs(carry: _Carry) -> _Carry:
     """Where each carried array has its chain axis: first, except in the P^2 sketches, whose
-    heights and positions are (levels, markers, chains, ...) and whose levels and count are
-    shared."""
+    markers are (levels, chains, ...) and whose levels and count are shared."""
     chains_first = P(_CHAINS)
+    per_level = P(None, _CHAINS)
     sketch = carry.quantiles._replace(
-        levels=P(), heights=P(None, None, _CHAINS), positions=P(None, None, _CHAINS), count=P()
+        levels=P(), heights=(per_level,) * 5, positions=(per_level,) * 3, count=P()
     )
     specs = {name: chains_first for name in _Carry._fields}
     return _Carry(**{**specs, "quantiles": sketch})
