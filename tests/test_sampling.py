@@ -190,6 +190,22 @@ def test_every_fidelity_is_lowest_at_the_data(fidelity):
     assert float(d(jnp.asarray(y))) < float(d(jnp.asarray(noisy)))
 
 
+@pytest.mark.parametrize("shape", [(12, 10, 9), (16, 14)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_l2_fidelity_in_fourier_space_equals_the_real_space_sum(shape, soft):
+    # Parseval on the half spectrum, odd and even last axes, hard and soft masks, and data
+    # that still holds coefficients in the wedge.
+    from cryojax_mw.operators import FourierMaskOperator
+
+    mask = np.asarray(missing_wedge_mask(shape, -50, 40), np.float32)
+    if soft:
+        mask = 0.25 + 0.5 * mask
+    x, y = (np.asarray(jax.random.normal(jax.random.key(k), shape)) for k in (0, 1))
+    seen = FourierMaskOperator(mask, shape)
+    direct = float(jnp.sum((seen.mv(x) - y) ** 2))
+    np.testing.assert_allclose(float(sampling.data_fidelity("l2", y, mask)(x)), direct, rtol=2e-5)
+
+
 def test_huge_beta_accepts_every_proposal():
     _, y, mask, _ = _small_mwr()
     alg = sampling.mwr(y, mask, GaussianDenoiser(0.7), 0.3, 1e12)

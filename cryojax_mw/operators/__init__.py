@@ -10,6 +10,7 @@ from ._base import (
 from ._ctf import CTFOperator, ctf_2d, electron_wavelength, phase_flip
 from ._fourier import (
     FourierMaskOperator,
+    half_spectrum_weights,
     missing_pyramid_mask,
     missing_wedge_mask,
     periodic_plus_smooth,
@@ -41,6 +42,7 @@ __all__ = [
     "electron_wavelength",
     "estimate_noise_sigma",
     "gaussian_sigma_for_snr",
+    "half_spectrum_weights",
     "missing_pyramid_mask",
     "missing_wedge_mask",
     "operator_norm",

@@ -30,6 +30,18 @@ def _half_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[:-1]) + (shape[-1] // 2 + 1,)
 
 
+def half_spectrum_weights(shape) -> np.ndarray:
+    """How many full-spectrum coefficients each rfftn coefficient of `shape` stands for, along
+    the last axis (1 for the zero and, for even sizes, the Nyquist column; 2 elsewhere): with
+    them, sum |x|^2 = sum w |rfftn(x)|^2 / x.size (Parseval on the half spectrum)."""
+    n = int(shape[-1])
+    w = np.full(n // 2 + 1, 2.0)
+    w[0] = 1.0
+    if n % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
 def _check_volume_shape(shape, ndims: tuple[int, ...], what: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)

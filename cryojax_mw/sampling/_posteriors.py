@@ -15,17 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..operators import AbstractLinearOperator
-
-
-def _half_weights(shape: tuple[int, ...]) -> np.ndarray:
-    """How many full-spectrum coefficients each rfftn coefficient stands for (1 or 2)."""
-    n = shape[-1]
-    w = np.full(n // 2 + 1, 2.0)
-    w[0] = 1.0
-    if n % 2 == 0:
-        w[-1] = 1.0
-    return w
+from ..operators import AbstractLinearOperator, half_spectrum_weights
 
 
 def _frequency_radius(shape: tuple[int, ...]) -> np.ndarray:
@@ -106,7 +96,7 @@ class GaussianFourierPosterior:
     def std(self) -> float:
         """The exact posterior standard deviation, the same at every voxel (stationary)."""
         v = self._posterior_variance_half()
-        return float(np.sqrt(np.sum(v * _half_weights(self.shape)) / np.prod(self.shape)))
+        return float(np.sqrt(np.sum(v * half_spectrum_weights(self.shape)) / np.prod(self.shape)))
 
     @staticmethod
     def simulate(key, shape, mask, noise_sigma, prior_power, dtype=jnp.float32):
