@@ -132,3 +132,41 @@ def test_localize_bad_input_is_one_error_line(dataset, tmp_path, capsys):
     io.write_mrc(lone, np.zeros((8, 8, 8), np.float32), 10.0)
     code, _, err = run(["localize", "--segmentation", lone, "--out", tmp_path / "q.star"], capsys)
     assert code == 2 and "--class-names" in err
+
+
+def test_train_segment_localize_evaluate_chain_and_its_bad_input(dataset, tmp_path, capsys):
+    # A tiny network for a few steps: the commands' plumbing, not the network's accuracy (that is
+    # benchmarks/bench_segmentation.py's job).
+    model = tmp_path / "model"
+    code, out, err = run(
+        ["train-segmenter", "--dataset", dataset, "--out", model, "--steps", 2,
+         "--batch-size", 2, "--patch-size", 16, "--widths", "4,6,8", "--validate-every", 1],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "trained 2 steps" in out and (model / "history.png").exists()
+    seg = tmp_path / "seg"
+    tomogram = dataset / "tomo_000_tomogram.mrc"
+    code, _, err = run(["segment", "--model", model, "--tomogram", tomogram, "--out", seg], capsys)
+    assert code == 0, err
+    meta = json.loads((seg / "segmentation.json").read_text())
+    assert meta["class_names"] == [*CLASSES, "membrane", "gold", "decoy"]
+    labels, _ = io.read_mrc(seg / "labels.mrc")
+    assert labels.shape == io.read_mrc(tomogram)[0].shape and labels.max() <= len(CLASSES) + 3
+    found = tmp_path / "found.star"
+    code, _, err = run(["localize", "--segmentation", seg, "--out", found], capsys)
+    assert code == 0, err
+    assert io.read_particles(found).class_names == CLASSES  # membrane, gold, decoy not picked
+    code, _, err = run(["evaluate", "--predicted", found, "--truth",
+                        dataset / "tomo_000_particles.star", "--distance", 3], capsys)  # fmt: skip
+    assert code == 0, err
+
+    # A tomogram at another voxel size, and a model folder without a checkpoint.
+    other = tmp_path / "other.mrc"
+    io.write_mrc(other, io.read_mrc(tomogram)[0], 13.0)
+    code, _, err = run(["segment", "--model", model, "--tomogram", other, "--out", seg], capsys)
+    assert code == 2 and "10 Å per voxel" in err and "13" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["segment", "--model", empty, "--tomogram", tomogram, "--out", seg], capsys)
+    assert code == 2 and err.startswith("error:")

@@ -1,15 +1,17 @@
-"""Sub-commands that find particles: cluster a segmentation into a particle list, and score a
-particle list against the truth."""
+"""Sub-commands that find particles: train the segmenter, segment a tomogram, cluster a
+segmentation into a particle list, and score a particle list against the truth."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
 import numpy as np
 
-from .. import io, localize
+from .. import io, localize, plot
+from ..simulate import EXTRA_LABELS
 from ._commands import UsageError, _write_json, cli
 
 SEGMENTATION_JSON = "segmentation.json"
@@ -103,7 +105,8 @@ def _min_sizes(values: tuple[str, ...], classes) -> int | dict[str, int]:
     "unless a simulator parameters.json sits beside it).",
 )  # fmt: skip
 @click.option(
-    "--classes", help="Comma-separated classes to keep (default: all), e.g. leave out membrane."
+    "--classes", help="Comma-separated classes to pick [default: all but the simulator's "
+    "membrane, gold and decoy labels]."
 )
 def localize_cmd(seg_path, out_path, method, bandwidth, min_size, class_names, classes):
     """Turn a segmentation into a particle list: one particle per cluster of voxels.
@@ -121,13 +124,14 @@ def localize_cmd(seg_path, out_path, method, bandwidth, min_size, class_names, c
     labels, scores, names, voxel = _segmentation_input(seg_path, _split_names(class_names))
     if not voxel:
         raise UsageError(f"{seg_path} carries no voxel size: the particle list needs one")
-    keep = _split_names(classes)
-    unknown = set(keep or ()) - set(names)
+    # Membranes, gold and decoys are labelled so the network tells them apart, not picked.
+    keep = _split_names(classes) or tuple(n for n in names if n not in EXTRA_LABELS)
+    unknown = set(keep) - set(names)
     if unknown:
         raise UsageError(f"--classes names {sorted(unknown)}, not among {', '.join(names)}")
     common = {
         "class_names": names, "voxel_size": voxel, "scores": scores, "classes": keep,
-        "min_cluster_size": _min_sizes(min_size, keep or names), "tomo_name": _tomo_name(seg_path),
+        "min_cluster_size": _min_sizes(min_size, keep), "tomo_name": _tomo_name(seg_path),
     }  # fmt: skip
     if method == "mean-shift":
         found = localize.cluster_mean_shift(labels, bandwidth=bandwidth, **common)
@@ -200,3 +204,163 @@ def evaluate_cmd(predicted, truth, distance, matching, out_path, voxel_size, cla
         _write_json(out_path, {"predicted": str(predicted), "truth": str(truth),
                                **result.to_json()})  # fmt: skip
         click.echo(f"-> {out_path}")
+
+
+@cli.command("train-segmenter")
+@click.option(
+    "--dataset", "datasets", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    multiple=True, required=True,
+    help="A `simulate-dataset` folder (repeat to train on several); all label values are "
+    "learned, membranes, gold and decoys included.",
+)  # fmt: skip
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+    help="Model folder: checkpoint, history.json, history.png. A run that stopped resumes here.",
+)  # fmt: skip
+@click.option("--steps", type=int, default=1000, show_default=True, help="Adam steps.")
+@click.option("--batch-size", type=int, default=24, show_default=True, help="Patches per step.")
+@click.option(
+    "--micro-batch-size", type=int, default=2, show_default=True,
+    help="Patches per forward/backward pass (memory); must divide --batch-size.",
+)  # fmt: skip
+@click.option(
+    "--patch-size", type=int, default=48, show_default=True,
+    help="Edge of the training patches in voxels, a multiple of 4.",
+)  # fmt: skip
+@click.option("--learning-rate", type=float, default=1e-4, show_default=True, help="Adam step.")
+@click.option(
+    "--loss", type=click.Choice(["ce", "dice", "dice+ce", "tversky"]), default="ce",
+    show_default=True, help="Cross-entropy (as published), Dice, both, or Tversky.",
+)  # fmt: skip
+@click.option(
+    "--widths", default="32,48,64", show_default=True,
+    help="Channels per level, comma-separated (the published network: 32,48,64).",
+)  # fmt: skip
+@click.option(
+    "--val-fraction", type=float, default=0.25, show_default=True,
+    help="Share of the tomograms kept for validation (one tomogram: a slab across y).",
+)  # fmt: skip
+@click.option(
+    "--validate-every", type=int, default=100, show_default=True, help="Steps between validations."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same model.")
+def train_segmenter_cmd(datasets, out_dir, steps, batch_size, micro_batch_size, patch_size,
+                        learning_rate, loss, widths, val_fraction, validate_every, seed):  # fmt: skip
+    """Train the DeepFinder 3D U-Net to label every voxel of a tomogram.
+
+    Batches hold patches centred near particles, classes drawn in turn (rare classes are seen as
+    often as common ones), each patch z-scored and, half the time, turned by 180 deg about the
+    tilt axis. Checkpoints go to --out; running the same command again resumes where it stopped
+    and ends with the same weights as an uninterrupted run.
+
+    \b
+    Example:
+      cryojax-mw simulate-dataset --out data --n-tomograms 4 --shape 64 256 256 --snr 0.1
+      cryojax-mw train-segmenter --dataset data --out model --steps 2000
+      cryojax-mw segment --model model --tomogram data/tomo_000_tomogram.mrc --out seg
+    """
+    import jax
+
+    from .. import nn
+
+    try:
+        width_list = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise UsageError(f"--widths takes comma-separated integers, got {widths!r}") from None
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
+    loaded = [nn.load_dataset(d) for d in datasets]
+    names = loaded[0].label_names
+    for d, data in zip(datasets, loaded, strict=True):
+        if data.label_names != names:
+            raise UsageError(f"{d} labels {data.label_names}, not {names} as {datasets[0]}")
+    tomograms = [t for data in loaded for t in data.tomograms]
+    train, val = nn.split_train_val(jax.random.key(seed), tomograms, val_fraction)
+    config = nn.TrainConfig(
+        patch_size=patch_size, batch_size=batch_size, micro_batch_size=micro_batch_size,
+        steps=steps, learning_rate=learning_rate, loss=loss, widths=width_list,
+        validate_every=validate_every, validation_size=micro_batch_size * max(
+            1, 24 // micro_batch_size), max_shift=min(13, (patch_size - 1) // 2), seed=seed,
+    )  # fmt: skip
+    start = time.perf_counter()
+    segmenter = nn.train_segmenter(config, train, val, out_dir, label_names=names)
+    click.echo(
+        f"trained {segmenter.step} steps on {len(train)} tomogram(s), validated on {len(val)} "
+        f"({time.perf_counter() - start:.0f} s); {len(names)} classes -> {out_dir}/"
+    )
+
+
+@cli.command("segment")
+@click.option(
+    "--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True, help="A `train-segmenter` output folder.",
+)  # fmt: skip
+@click.option(
+    "--tomogram", "tomogram_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True, help="Tomogram MRC (z, y, x) at the model's voxel size.",
+)  # fmt: skip
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+    help="Folder for labels.mrc, max_probability.mrc, segmentation.json and segmentation.png.",
+)  # fmt: skip
+@click.option(
+    "--patch-size", type=int, help="Window edge in voxels, a multiple of 4 [default: training's]."
+)
+@click.option(
+    "--crop", type=int,
+    help="Voxels dropped on each side of every window (border artefacts) [default: patch // 8].",
+)  # fmt: skip
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per call.")
+@click.option(
+    "--voxel-size", type=float, help="Angstrom per voxel if the MRC header has none."
+)
+def segment_cmd(model_dir, tomogram_path, out_dir, patch_size, crop, batch_size, voxel_size):
+    """Label every voxel of a tomogram with a trained segmenter (sliding windows whose centres
+    are kept), then `localize` turns the labels into particles.
+
+    \b
+    Example:
+      cryojax-mw segment --model model --tomogram tomo.mrc --out seg
+      cryojax-mw localize --segmentation seg --out particles.star
+    """
+    from .. import nn
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    io.check_output_not_input(out_dir / SEGMENTATION_LABELS, tomogram_path)
+    segmenter = nn.load_segmenter(model_dir)
+    tomogram, header_voxel = io.read_mrc(tomogram_path)
+    voxel = voxel_size or header_voxel
+    if tomogram.ndim != 3:
+        raise UsageError(f"the tomogram must be 3D (z, y, x), got shape {tomogram.shape}")
+    if not np.all(np.isfinite(tomogram)):
+        raise UsageError(f"{tomogram_path.name} holds NaN or Inf values")
+    if not voxel:
+        raise UsageError(f"{tomogram_path.name} has no voxel size: give --voxel-size")
+    if abs(voxel / segmenter.voxel_size - 1) > 0.01:
+        raise UsageError(
+            f"the model was trained at {segmenter.voxel_size:g} Å per voxel but the tomogram "
+            f"has {voxel:g}; resample the tomogram first"
+        )
+    result = localize.segment_tomogram(
+        segmenter.predict_proba, tomogram, patch_size=patch_size or segmenter.patch_size,
+        n_classes=segmenter.n_classes, crop=crop, batch_size=batch_size, probabilities=None,
+    )  # fmt: skip
+    labels = result.label_map
+    io.write_mrc(out_dir / SEGMENTATION_LABELS, labels,
+                 voxel, dtype=np.int8 if labels.max() < 128 else np.int16)  # fmt: skip
+    io.write_mrc(out_dir / SEGMENTATION_SCORES, result.max_probability, voxel)
+    _write_json(out_dir / SEGMENTATION_JSON, {
+        "class_names": list(segmenter.class_names[1:]), "voxel_size_angstrom": voxel,
+        "model": str(model_dir), "training_steps": segmenter.step, "tomogram": str(tomogram_path),
+        "patch_size": result.patch_size, "crop": result.crop,
+    })  # fmt: skip
+    plot.save_figure(
+        plot.ortho_slices({"tomogram": tomogram, "labels": labels},
+                          title=f"{tomogram_path.name} segmented", categorical=("labels",)),
+        out_dir / "segmentation.png",
+    )  # fmt: skip
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=segmenter.n_classes)
+    share = ", ".join(
+        f"{n} {c / labels.size:.2%}" for n, c in zip(segmenter.class_names[1:], counts[1:])
+    )
+    click.echo(f"{result.n_tiles} windows; voxels per class: {share} -> {out_dir}/")

@@ -13,6 +13,7 @@ from ._acquisition import (
     simulate_tilt_series,
 )
 from ._dataset import (
+    EXTRA_LABELS,
     SHREC_CLASSES,
     SimulatedTomogram,
     SimulationConfig,
@@ -32,6 +33,7 @@ from ._rotations import (
 from ._templates import Template, available_templates, default_template_folder, load_template
 
 __all__ = [
+    "EXTRA_LABELS",
     "NOISE_MODELS",
     "SHREC_CLASSES",
     "SimulatedTomogram",
