@@ -2,21 +2,22 @@
 
 Layout: inputs (batch, z, y, x, channels), channels-last; logits (batch, z, y, x, n_classes).
 
-Speed on XLA:CPU. A 3D convolution lowered as one `lax.conv_general_dilated` was measured 2-4
-times slower than the same convolution computed as 2D convolutions over the (y, x) planes (XLA:CPU
-has fast 2D kernels, and the weight gradient of its 3D convolution is especially slow). Two exact
-rewrites are used:
+Speed on XLA:CPU (CPU time on 2 cores, float32). A 3D convolution lowered as one
+`lax.conv_general_dilated` was measured 2-3.5 times slower than the same convolution computed as
+2D convolutions over the (y, x) planes (XLA:CPU has fast 2D kernels; the weight gradient of its 3D
+convolution is especially slow). Two exact rewrites are used:
 - `_conv3d` (training, differentiated by JAX): the k shifts along z are stacked on the channel
   axis, so one 2D convolution with k*C_in input channels does the whole 3D convolution; its
-  automatic gradient was the fastest tried (versus a custom VJP, per-shift 2D convolutions and
-  shifts folded into the output channels).
+  automatic gradient was the fastest tried (versus custom VJPs mixing the rewrites, per-shift 2D
+  convolutions, and shifts folded into the output channels).
 - `_conv3d_forward` (inference): one 2D convolution whose k*C_out outputs are the z-shifts'
-  partial sums, added after shifting; about 15% faster than `_conv3d` without a gradient.
+  partial sums, added after shifting; 15-20% faster than `_conv3d` for the whole network.
 Up-sampling (nearest x2 followed by a 2^3 'same' convolution, as published) is evaluated at the
 low resolution: each of the 8 output parities of the up-sampled grid sees a fixed 2^3 window of
 the low-resolution input, so one 2^3 convolution with 8*C_out outputs followed by a depth-to-space
-reshuffle gives exactly the same result with the same weights, without building the up-sampled
-array (measured 10-30% faster for the whole network). Max-pooling is a reshape and a max.
+reshuffle gives exactly the same result with the same weights without building the up-sampled
+array (4-9% less time for the whole network). Max-pooling is a reshape and a max; bfloat16
+convolutions were slower than float32 on this CPU.
 """
 
 from __future__ import annotations
