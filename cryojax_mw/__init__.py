@@ -3,7 +3,8 @@
 Conventions: volumes are (z, y, x) with z the beam at 0 deg and y the tilt axis; tilt series are
 (n_tilts, y, x); 2D images are (z, x) and sinograms (n_tilts, x); angles are in degrees; voxel
 sizes in Angstrom travel with the data. Sub-packages: `operators`, `reconstruct`, `denoisers`,
-`sampling`, `simulate`, `localize`, `metrics`, `io`, `plot`, `cli`.
+`sampling`, `simulate`, `localize`, `metrics`, `io`, `plot`, `cli`, and `nn` (Flax models; imported
+on demand, `from cryojax_mw import nn`, since Flax takes a while to load).
 """
 
 from ._devices import use_all_cpu_cores
