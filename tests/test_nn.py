@@ -372,9 +372,9 @@ def _loss_params(n_classes):
 
 def _config(**changes):
     settings = {
-        "patch_size": 16, "batch_size": 4, "micro_batch_size": 2, "steps": 6,
+        "patch_size": 16, "batch_size": 4, "micro_batch_size": 1, "steps": 6,
         "learning_rate": 3e-3, "max_shift": 3, "widths": TINY, "validate_every": 3,
-        "validation_size": 4, "checkpoint_every": 3,
+        "validation_size": 4, "checkpoint_every": 3, "concurrent_micro_batches": 2,
     }  # fmt: skip
     return TrainConfig(**{**settings, **changes})
 
@@ -442,11 +442,11 @@ def test_micro_batch_gradients_add_up_to_the_whole_batch_cross_entropy_gradient(
     batch = PatchSampler([_labelled(0)], n_classes=3, patch_size=16).sample(jax.random.key(0), 4)
     x, y = jnp.asarray(batch.images), jnp.asarray(batch.labels)
     params = {name: jnp.asarray(v) for name, v in _loss_params(3).items()}
-    whole = _gradients(tiny_model, x, y, params, loss="ce")[2]
-    halves = [_gradients(tiny_model, x[s], y[s], params, loss="ce")[2]
-              for s in (slice(0, 2), slice(2, 4))]  # fmt: skip
-    for a, b, c in zip(*(jax.tree.leaves(g) for g in (whole, *halves))):
-        np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-4, atol=1e-7)
+    whole_loss, _, whole = _gradients(tiny_model, x, y, params, loss="ce", parts=1)
+    parts_loss, _, parts = _gradients(tiny_model, x, y, params, loss="ce", parts=4)
+    np.testing.assert_allclose(parts_loss / 4, whole_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts)):
+        np.testing.assert_allclose(b / 4, a, rtol=1e-4, atol=1e-7)
 
 
 def test_corrupt_or_missing_checkpoints_are_refused(straight_run, tmp_path):
@@ -476,7 +476,7 @@ def test_corrupt_or_missing_checkpoints_are_refused(straight_run, tmp_path):
         ({"micro_batch_size": 3}, "divide batch_size"),
         ({"loss": "focal"}, "loss must be one of"),
         ({"max_shift": 8}, "max_shift"),
-        ({"validation_size": 5}, "multiple of the micro-batch"),
+        ({"validation_size": 5}, "validation_size 5 must be a multiple"),
     ],
 )
 def test_bad_training_settings_say_what_to_change(change, message):
