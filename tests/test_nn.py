@@ -392,7 +392,7 @@ def _weights(segmenter):
     return jax.tree.leaves(nnx.state(segmenter.model, nnx.Param))
 
 
-def test_checkpoint_round_trip_is_exact_and_predicts_from_raw_patches(straight_run):
+def test_checkpoint_round_trip_is_exact_and_predicts_from_raw_patches(straight_run, trace_counter):
     out, segmenter = straight_run
     loaded = load_segmenter(out)
     assert loaded.class_names == ("background", "a", "b") and loaded.step == 6
@@ -405,6 +405,9 @@ def test_checkpoint_round_trip_is_exact_and_predicts_from_raw_patches(straight_r
     # Raw patches are z-scored first: an affine change of intensities changes nothing.
     np.testing.assert_allclose(probs, loaded.predict_proba(5 * raw + 3), atol=1e-5)
     np.testing.assert_array_equal(probs, segmenter.predict_proba(raw))
+    with trace_counter:
+        loaded.predict_proba(2 * raw)
+    assert trace_counter.count == 0
     history = json.loads((out / "history.json").read_text())
     assert history["step"] == [1, 2, 3, 4, 5, 6] and history["validation"]["step"] == [3, 6]
     assert len(history["validation"]["dice"][0]) == 3 and (out / "history.png").stat().st_size
