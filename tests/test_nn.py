@@ -472,6 +472,13 @@ def test_corrupt_or_missing_checkpoints_are_refused(straight_run, tmp_path):
         load_segmenter(tmp_path)
 
 
+def test_concurrent_micro_batches_divide_the_step():
+    assert _config(batch_size=24, concurrent_micro_batches=4).micro_batches_per_call == 4
+    assert _config(batch_size=20, concurrent_micro_batches=8).micro_batches_per_call == 5
+    assert _config(batch_size=25, concurrent_micro_batches=4).micro_batches_per_call == 1
+    assert _config(batch_size=2, micro_batch_size=2).micro_batches_per_call == 1
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -479,7 +486,7 @@ def test_corrupt_or_missing_checkpoints_are_refused(straight_run, tmp_path):
         ({"micro_batch_size": 3}, "divide batch_size"),
         ({"loss": "focal"}, "loss must be one of"),
         ({"max_shift": 8}, "max_shift"),
-        ({"validation_size": 5}, "validation_size 5 must be a multiple"),
+        ({"validation_size": 5, "micro_batch_size": 2}, "validation_size 5 must be a multiple"),
     ],
 )
 def test_bad_training_settings_say_what_to_change(change, message):

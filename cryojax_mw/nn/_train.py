@@ -63,10 +63,11 @@ class TrainConfig:
         patch_size: edge of the cubic training patches (voxels), a multiple of
             2 ** (len(widths) - 1).
         batch_size: patches per Adam step.
-        micro_batch_size: patches per forward/backward pass (gradients summed over the batch).
-        concurrent_micro_batches: micro-batches computed as independent graphs in one compiled
-            call (XLA runs them on different cores); micro_batch_size * concurrent_micro_batches
-            patches are in memory at once and must divide batch_size.
+        micro_batch_size: patches per forward/backward pass (gradients summed over the batch);
+            must divide batch_size.
+        concurrent_micro_batches: at most this many micro-batches are computed as independent
+            graphs in one compiled call (XLA runs them on different cores): the largest divisor
+            of batch_size / micro_batch_size not above it. Memory grows with it.
         steps: Adam steps in total.
         learning_rate: Adam step size.
         loss: "ce" (cross-entropy, as published), "dice", "dice+ce" (their sum) or "tversky".
@@ -80,8 +81,8 @@ class TrainConfig:
         augment_contrast, augment_brightness, augment_noise: ranges of the intensity
             augmentation of z-scored patches (see `PatchSampler`); 0 = off.
         validate_every: steps between validations (the last step is always validated).
-        validation_size: validation patches, drawn once per run (no augmentation); a multiple of
-            micro_batch_size * concurrent_micro_batches.
+        validation_size: validation patches, drawn once per run (no augmentation), evaluated
+            micro_batch_size at a time; a multiple of micro_batch_size.
         checkpoint_every: steps between checkpoints (the last step is always saved).
         seed: seeds the initial weights, the batches and the validation patches.
         widths, convs_per_level, bottom_convs: the network (`DeepFinderUNet`).
@@ -129,16 +130,14 @@ class TrainConfig:
                 f"patch_size {self.patch_size} must be a multiple of {multiple} for "
                 f"{len(self.widths) - 1} poolings (widths {self.widths})"
             )
-        call = self.patches_per_call
-        if self.batch_size % call:
+        if self.batch_size % self.micro_batch_size:
             raise ValueError(
-                f"micro_batch_size * concurrent_micro_batches ({call}) must divide batch_size "
-                f"{self.batch_size}"
+                f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}"
             )
-        if self.validation_size % call:
+        if self.validation_size % self.micro_batch_size:
             raise ValueError(
-                f"validation_size {self.validation_size} must be a multiple of "
-                f"micro_batch_size * concurrent_micro_batches ({call})"
+                f"validation_size {self.validation_size} must be a multiple of micro_batch_size "
+                f"{self.micro_batch_size}"
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -155,9 +154,11 @@ class TrainConfig:
             )
 
     @property
-    def patches_per_call(self) -> int:
-        """Patches in one compiled gradient call."""
-        return self.micro_batch_size * self.concurrent_micro_batches
+    def micro_batches_per_call(self) -> int:
+        """Micro-batches in one compiled gradient call: the largest divisor of the number of
+        micro-batches per step that is at most concurrent_micro_batches."""
+        n = self.batch_size // self.micro_batch_size
+        return max(d for d in range(1, min(n, self.concurrent_micro_batches) + 1) if n % d == 0)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -387,7 +388,8 @@ def train_segmenter(
         "alpha": jnp.asarray(config.tversky_alpha, dtype),
         "beta": jnp.asarray(config.tversky_beta, dtype),
     }
-    call, parts = config.patches_per_call, config.concurrent_micro_batches
+    parts = config.micro_batches_per_call
+    call = parts * config.micro_batch_size
     n_micro = config.batch_size // config.micro_batch_size
     scale = jnp.asarray(1.0 / n_micro, dtype)
     metadata = {
@@ -429,7 +431,9 @@ def train_segmenter(
         history["seconds"].append(time.perf_counter() - tic)
         postfix["loss"] = f"{history['loss'][-1]:.4f}"
         if step % config.validate_every == 0 or step == config.steps:
-            val_loss, confusion = _validate(model, val_batch, call, loss_params, config.loss)
+            val_loss, confusion = _validate(
+                model, val_batch, config.micro_batch_size, loss_params, config.loss
+            )
             accuracy, dice = _scores(confusion)
             for name, value in (("step", step), ("loss", val_loss), ("accuracy", accuracy),
                                 ("dice", dice)):  # fmt: skip
