@@ -220,8 +220,12 @@ def evaluate_cmd(predicted, truth, distance, matching, out_path, voxel_size, cla
 @click.option("--steps", type=int, default=1000, show_default=True, help="Adam steps.")
 @click.option("--batch-size", type=int, default=24, show_default=True, help="Patches per step.")
 @click.option(
-    "--micro-batch-size", type=int, default=2, show_default=True,
+    "--micro-batch-size", type=int, default=1, show_default=True,
     help="Patches per forward/backward pass (memory); must divide --batch-size.",
+)  # fmt: skip
+@click.option(
+    "--concurrent-micro-batches", type=int, default=4, show_default=True,
+    help="Micro-batches computed side by side in one call, so XLA keeps every core busy.",
 )  # fmt: skip
 @click.option(
     "--patch-size", type=int, default=48, show_default=True,
@@ -244,8 +248,9 @@ def evaluate_cmd(predicted, truth, distance, matching, out_path, voxel_size, cla
     "--validate-every", type=int, default=100, show_default=True, help="Steps between validations."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same model.")
-def train_segmenter_cmd(datasets, out_dir, steps, batch_size, micro_batch_size, patch_size,
-                        learning_rate, loss, widths, val_fraction, validate_every, seed):  # fmt: skip
+def train_segmenter_cmd(datasets, out_dir, steps, batch_size, micro_batch_size,
+                        concurrent_micro_batches, patch_size, learning_rate, loss, widths,
+                        val_fraction, validate_every, seed):  # fmt: skip
     """Train the DeepFinder 3D U-Net to label every voxel of a tomogram.
 
     Batches hold patches centred near particles, classes drawn in turn (rare classes are seen as
@@ -278,9 +283,11 @@ def train_segmenter_cmd(datasets, out_dir, steps, batch_size, micro_batch_size, 
     train, val = nn.split_train_val(jax.random.key(seed), tomograms, val_fraction)
     config = nn.TrainConfig(
         patch_size=patch_size, batch_size=batch_size, micro_batch_size=micro_batch_size,
-        steps=steps, learning_rate=learning_rate, loss=loss, widths=width_list,
-        validate_every=validate_every, validation_size=micro_batch_size * max(
-            1, 24 // micro_batch_size), max_shift=min(13, (patch_size - 1) // 2), seed=seed,
+        concurrent_micro_batches=concurrent_micro_batches, steps=steps,
+        learning_rate=learning_rate, loss=loss, widths=width_list, validate_every=validate_every,
+        # About 24 validation patches, a whole number of micro-batches.
+        validation_size=micro_batch_size * max(1, 24 // micro_batch_size),
+        max_shift=min(13, (patch_size - 1) // 2), seed=seed,
     )  # fmt: skip
     start = time.perf_counter()
     segmenter = nn.train_segmenter(config, train, val, out_dir, label_names=names)
