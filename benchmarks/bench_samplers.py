@@ -215,9 +215,10 @@ class StepClock:
         """Per-step time of each full segment after the first (end of a segment to end of the
         next, so every host round trip between segments is included), in ms.
 
-        With the chains split over d devices every device stamps each step (d stamps per step,
-        not in step order across devices); segments end on all devices before the next starts,
-        so the segments' ends are every (d x segment)-th stamp in time order."""
+        With chains run one after the other, or split over devices, a step is stamped once per
+        chain or device (d stamps per step, not in step order across devices); segments end on
+        all devices before the next starts, so the segments' ends are every (d x segment)-th
+        stamp in time order."""
         calls, rest = divmod(len(self.stamps), steps)
         if rest or not calls:
             raise RuntimeError(
@@ -231,6 +232,8 @@ class StepClock:
 def runner_per_step(key, algorithm, starts, steps: int, segment: int, devices=None) -> dict:
     """`run_chains` (every step kept, so every statistic is updated) timed by a `StepClock`: the
     median over segments of the time per step, compilation excluded."""
+    import jax
+
     from cryojax_mw.sampling import run_chains
 
     clock = StepClock()
@@ -246,7 +249,10 @@ def runner_per_step(key, algorithm, starts, steps: int, segment: int, devices=No
         "per_iteration_ms": float(np.median(per_segment)),
         "segment_ms_per_step": per_segment,
         "mean_ms_per_step": 1e3 * (stamps[-1] - stamps[0]) / (steps - 1),
-        "devices_used": len(clock.stamps) // steps,
+        # run_chains' rule: as many devices as divide the chain count.
+        "devices_used": 1
+        if devices is not None
+        else max(d for d in range(1, len(jax.devices()) + 1) if len(starts) % d == 0),
         "steps": steps,
         "segment_steps": segment,
         "call_s": wall,

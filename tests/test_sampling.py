@@ -151,6 +151,12 @@ def test_chains_split_over_devices_give_what_one_device_gives():
                        progress=True)  # fmt: skip
     one = run_chains(jax.random.key(5), alg, starts, 40, 10, truth=truth, segment_steps=9,
                      devices=jax.devices()[:1])  # fmt: skip
+    # Chains one after the other (the CPU default for large chains) give the same numbers too.
+    looped = run_chains(jax.random.key(5), alg, starts, 40, 10, truth=truth, segment_steps=9,
+                        vectorize_chains=False)  # fmt: skip
+    np.testing.assert_allclose(looped.mean, one.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(looped.ci_high, one.ci_high, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(looped.acceptance_rate > 0, one.acceptance_rate > 0)
     # The same keys reach the same chains; vmaps of 2 and of 4 chains may round differently.
     for name in ("mean", "std", "ci_low", "ci_high", "rhat", "map_estimate", "acceptance_rate"):
         np.testing.assert_allclose(getattr(split, name), getattr(one, name), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Running many chains at once: one jitted `lax.scan` over steps of a `vmap` over chains, carrying
-streaming statistics instead of samples.
+"""Running many chains at once: one jitted `lax.scan` over steps of all chains (a `vmap` on
+accelerators, one chain after the other on CPUs), carrying streaming statistics instead of
+samples.
 
 What comes back (`ChainSummary`): the MMSE estimate (mean), the per-voxel standard deviation, a
 credible interval per voxel (streaming P^2 quantiles), the acceptance rate, split R-hat per voxel
@@ -9,7 +10,7 @@ the most visited state (the "MAP" of the thesis). Step i uses the key fold_in(rn
 cut into segments, checkpointed and resumed gives the same numbers as one uninterrupted run.
 
 Chains are independent, so with several devices they are split among them (`shard_map`), each
-device running a `vmap` over its share. XLA:CPU runs these kernels on one thread per device, so
+device running its share. XLA:CPU runs these kernels on one thread per device, so
 on a CPU the cores are used only if JAX was started with several CPU devices:
 `jax.config.update("jax_num_cpu_devices", n)` before any computation (the command line does this).
 """
@@ -126,6 +127,7 @@ def run_chains(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
     devices: Sequence[jax.Device] | None = None,
+    vectorize_chains: bool | None = None,
 ) -> ChainSummary:
     """Run `len(initial_positions)` chains of `algorithm` and summarise them without storing
     samples.
@@ -151,7 +153,10 @@ def run_chains(
             largest rank-normalised R-hat of the tracked voxels over the draws kept so far.
         devices: devices to split the chains among (default: all devices of JAX's default
             backend). As many are used as divide the number of chains; results do not depend on
-            how many.
+            how many (up to float rounding).
+        vectorize_chains: run a device's chains as one `vmap` (True) or one after the other
+            (False). Default: vmap on accelerators and for small chains, one after the other on
+            CPUs for chains of 2^16 voxels or more, whose working sets then stay in cache.
 
     Returns:
         A `ChainSummary`.
@@ -183,36 +188,34 @@ def run_chains(
         peak = jnp.max(truth_arr) - jnp.min(truth_arr)
         trace_fns["psnr"] = lambda x: 10 * jnp.log10(peak**2 / jnp.mean((x - truth_arr) ** 2))
 
-    states = jax.vmap(algorithm.init)(positions)
     tail = (1 - level) / 2
-    carry = _Carry(
-        states=states,
-        # Per-chain states take one elementwise pass per step; a batch update over the chains
-        # costs several (measured 35 ms against 4 ms for 8 chains at 64^3).
-        moments=stats.welford_init(voxel_shape, dtype, num_chains=n_chains),
-        halves=stats.split_halves_init(voxel_shape, n_chains, dtype),
-        # One sketch per chain, updated for all chains at once (a pooled sketch would take the
-        # C draws one after the other); the interval ends are the chains' average.
-        quantiles=stats.p2_init((n_chains, *voxel_shape), (tail, 1 - tail), dtype),
-        tracked=jnp.zeros((n_chains, num_kept, tracked_index.size), dtype),
-        accepted=jnp.zeros((n_chains,), jnp.float32),
-        run_length=jnp.zeros((n_chains,), jnp.int32),
-        best_length=jnp.full((n_chains,), -1, jnp.int32),
-        best_state=positions,
-    )
-    has_fidelity = hasattr(states, "fidelity")
 
+    def init_chain(position) -> _Carry:
+        moments = stats.welford_init(voxel_shape, dtype)
+        return _Carry(
+            states=algorithm.init(position),
+            moments=moments,
+            halves=stats.SplitHalves(moments, moments),
+            quantiles=stats.p2_init(voxel_shape, (tail, 1 - tail), dtype),
+            tracked=jnp.zeros((num_kept, tracked_index.size), dtype),
+            accepted=jnp.zeros((), jnp.float32),
+            run_length=jnp.zeros((), jnp.int32),
+            best_length=jnp.full((), -1, jnp.int32),
+            best_state=position,
+        )
+
+    # Every carried array has the chain axis first: one chain's carry is a slice.
+    carry = jax.vmap(init_chain)(positions)
+    has_fidelity = hasattr(carry.states, "fidelity")
     mesh = _chain_mesh(n_chains, devices)
     n_local = n_chains // (mesh.size if mesh is not None else 1)
+    if vectorize_chains is None:
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        vectorize_chains = platform != "cpu" or n_voxels < _MAP_CHAINS_FROM_VOXELS
 
-    def one_step(carry: _Carry, i):
-        keys = jax.random.split(jax.random.fold_in(rng_key, i), n_chains)
-        if mesh is not None:
-            # Every device draws all chains' keys and takes its own: the same keys as unsplit.
-            first = jax.lax.axis_index(_CHAINS) * n_local
-            keys = jax.lax.dynamic_slice_in_dim(keys, first, n_local)
-        states, info = jax.vmap(algorithm.step)(keys, carry.states)
-        x = states.position
+    def chain_step(key, c: _Carry, i):
+        state, info = algorithm.step(key, c.states)
+        x = state.position
         kept = (i >= burn_in) & ((i - burn_in) % thin == 0)
         j = (i - burn_in) // thin
 
@@ -221,32 +224,38 @@ def run_chains(
                 moments=stats.welford_update(c.moments, x),
                 halves=stats.split_halves_update(c.halves, x, j, num_kept),
                 quantiles=stats.p2_update(c.quantiles, x[None]),
-                tracked=c.tracked.at[:, j].set(x.reshape(n_local, -1)[:, tracked_index]),
+                tracked=c.tracked.at[j].set(x.reshape(-1)[tracked_index]),
             )
 
-        carry = carry._replace(states=states)
-        carry = jax.lax.cond(kept, update, lambda c: c, carry)
-        carry = carry._replace(accepted=carry.accepted + _info_acceptance(info))
+        c = jax.lax.cond(kept, update, lambda c: c, c._replace(states=state))
+        c = c._replace(accepted=c.accepted + _info_acceptance(info))
         moved = _info_moved(info)
         if moved is not None:
             # A run is the number of steps a state is kept; the longest over the kept steps is
             # the most visited state.
-            run = jnp.where(moved, 0, carry.run_length + 1)
-            better = kept & (run > carry.best_length)
-            best_state = jnp.where(
-                better.reshape((-1,) + (1,) * len(voxel_shape)), x, carry.best_state
-            )
-            carry = carry._replace(
+            run = jnp.where(moved, 0, c.run_length + 1)
+            better = kept & (run > c.best_length)
+            c = c._replace(
                 run_length=run,
-                best_length=jnp.where(better, run, carry.best_length),
-                best_state=best_state,
+                best_length=jnp.where(better, run, c.best_length),
+                best_state=jnp.where(better, x, c.best_state),
             )
         traces = {"acceptance": _info_acceptance(info)}
         if has_fidelity:
-            traces["fidelity"] = states.fidelity
+            traces["fidelity"] = state.fidelity
         for name, fn in trace_fns.items():
-            traces[name] = jax.vmap(fn)(x)
-        return carry, traces
+            traces[name] = fn(x)
+        return c, traces
+
+    def one_step(carry: _Carry, i):
+        keys = jax.random.split(jax.random.fold_in(rng_key, i), n_chains)
+        if mesh is not None:
+            # Every device draws all chains' keys and takes its own: the same keys as unsplit.
+            first = jax.lax.axis_index(_CHAINS) * n_local
+            keys = jax.lax.dynamic_slice_in_dim(keys, first, n_local)
+        if vectorize_chains:
+            return jax.vmap(chain_step, in_axes=(0, 0, None))(keys, carry, i)
+        return jax.lax.map(lambda kc: chain_step(kc[0], kc[1], i), (keys, carry))
 
     def scan_segment(carry, steps):
         return jax.lax.scan(one_step, carry, steps)
@@ -254,7 +263,7 @@ def run_chains(
     if mesh is None:
         run_segment = jax.jit(scan_segment)
     else:
-        specs = _carry_specs(carry)
+        specs = P(_CHAINS)  # every carried array: chains first
         run_segment = jax.jit(
             jax.shard_map(
                 scan_segment,
@@ -297,6 +306,10 @@ def run_chains(
 
 
 _CHAINS = "chains"
+# On a CPU, chains this large run one after the other: 8 vmapped 64^3 MWR chains took 17 times
+# one chain's time (their working sets leave the cache), one after the other 9 times; small
+# chains (the tests' 24^2) are faster vmapped, a loop over them costing more than they do.
+_MAP_CHAINS_FROM_VOXELS = 1 << 16
 
 
 def _chain_mesh(n_chains: int, devices) -> jax.sharding.Mesh | None:
@@ -308,18 +321,6 @@ def _chain_mesh(n_chains: int, devices) -> jax.sharding.Mesh | None:
     if used == 1:
         return None
     return jax.sharding.Mesh(np.array(devices[:used]), (_CHAINS,))
-
-
-def _carry_specs(carry: _Carry) -> _Carry:
-    """Where each carried array has its chain axis: first, except in the P^2 sketches, whose
-    markers are (levels, chains, ...) and whose levels and count are shared."""
-    chains_first = P(_CHAINS)
-    per_level = P(None, _CHAINS)
-    sketch = carry.quantiles._replace(
-        levels=P(), heights=(per_level,) * 5, positions=(per_level,) * 3, count=P()
-    )
-    specs = {name: chains_first for name in _Carry._fields}
-    return _Carry(**{**specs, "quantiles": sketch})
 
 
 def _running_rhat(tracked, kept: int) -> str:
@@ -344,7 +345,7 @@ def _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains) -> Cha
         best = int(np.argmax(np.asarray(carry.best_length)))
         map_estimate = np.asarray(carry.best_state[best])
         diagnostics["map_run_length"] = int(np.asarray(carry.best_length)[best]) + 1
-    low, high = np.asarray(stats.p2_quantile(carry.quantiles)).mean(axis=1)
+    low, high = np.asarray(jax.vmap(stats.p2_quantile)(carry.quantiles)).mean(axis=0)
     return ChainSummary(
         mean=np.asarray(mean),
         std=np.sqrt(np.asarray(var)),
