@@ -55,6 +55,19 @@ class Segmentation:
     n_tiles: int
 
 
+def real_volume(tomogram) -> np.ndarray:
+    """The tomogram as a NumPy array, after checking that it is a real (z, y, x) volume."""
+    volume = np.asarray(tomogram)
+    if volume.ndim != 3 or not (
+        np.issubdtype(volume.dtype, np.floating) or np.issubdtype(volume.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"tomogram must be a real (z, y, x) array, got shape {volume.shape} dtype "
+            f"{volume.dtype}"
+        )
+    return volume
+
+
 def _tile_starts(padded_length: int, patch_size: int, core: int) -> list[int]:
     """Patch starts along one axis whose centres (core voxels) tile the padded axis's interior."""
     starts = list(range(0, padded_length - patch_size, core))
@@ -115,14 +128,7 @@ def segment_tomogram(
             multiple of 4, a crop outside [0, p / 2), a batch size < 1, an unknown probability
             dtype, or a classifier whose output has the wrong shape.
     """
-    volume = np.asarray(tomogram)
-    if volume.ndim != 3 or not (
-        np.issubdtype(volume.dtype, np.floating) or np.issubdtype(volume.dtype, np.integer)
-    ):
-        raise ValueError(
-            f"tomogram must be a real (z, y, x) array, got shape {volume.shape} dtype "
-            f"{volume.dtype}"
-        )
+    volume = real_volume(tomogram)
     if volume.dtype != np.float64:
         volume = volume.astype(np.float32)
     p = int(patch_size)

@@ -40,6 +40,7 @@ from ..io import ParticleList
 from ..operators import missing_wedge_mask
 from ..simulate import euler_zyz_to_matrix, rotate_with_matrix
 from ._clustering import Detections, _per_class
+from ._inference import real_volume
 
 # Local variances below this fraction of the tomogram's variance are treated as empty (score 0):
 # there the correlation is 0/0 and round-off of the FFTs decides its value.
@@ -194,14 +195,7 @@ def match_template(
     Returns:
         A `TemplateMatch` of the tomogram's shape.
     """
-    volume = np.asarray(tomogram)
-    if volume.ndim != 3 or not (
-        np.issubdtype(volume.dtype, np.floating) or np.issubdtype(volume.dtype, np.integer)
-    ):
-        raise ValueError(
-            f"tomogram must be a real (z, y, x) array, got shape {volume.shape} dtype "
-            f"{volume.dtype}"
-        )
+    volume = real_volume(tomogram)
     # float64 only where JAX computes in float64 (x64 enabled).
     dtype = jax.dtypes.canonicalize_dtype(np.float64 if volume.dtype == np.float64 else np.float32)
     t = np.asarray(template, dtype=dtype)
