@@ -333,6 +333,9 @@ def _running_rhat(tracked, kept: int) -> str:
 
 
 def _summarise(carry, trace_chunks, num_steps, num_kept, level, n_chains) -> ChainSummary:
+    # Gathered to the host first: reductions over chains split across CPU devices would be
+    # all-reduces, which deadlocked when the devices outnumbered the free threads.
+    carry = jax.tree.map(np.asarray, carry)
     mean, var = stats.welford_finalize(stats.welford_pool(carry.moments))
     traces = {
         name: np.concatenate([chunk[name] for chunk in trace_chunks], axis=0)
