@@ -69,6 +69,45 @@ def time_call(fn: Callable[[], Any], repeats: int | None = None, warmup: bool = 
     }
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int | None = None) -> dict:
+    """Time several callables in alternation: one excluded warm-up call each, then rounds in which
+    each is called once, so a drift of the machine's speed during the run (seen here: +-30% between
+    minutes) reaches every callable alike and leaves their ratios alone.
+
+    Args:
+        fns: name -> callable with no arguments that returns once its work is finished.
+        repeats: rounds; None picks `FAST_REPEATS`, or `SLOW_REPEATS` when any warm-up call took
+            longer than `SLOW_CALL_S` seconds.
+
+    Returns:
+        name -> the dict `time_call` returns for it.
+    """
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats}")
+    warmup_s = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        warmup_s[name] = time.perf_counter() - t0
+    if repeats is None:
+        repeats = SLOW_REPEATS if max(warmup_s.values()) > SLOW_CALL_S else FAST_REPEATS
+    runs = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t0)
+    return {
+        name: {
+            "median_ms": 1e3 * statistics.median(r),
+            "min_ms": 1e3 * min(r),
+            "runs_ms": [1e3 * x for x in r],
+            "warmup_ms": 1e3 * warmup_s[name],
+        }
+        for name, r in runs.items()
+    }
+
+
 def ratio(project_ms: float, peer_ms: float) -> float:
     """Project time over peer time (below 1: the project is faster); NaN if either is missing."""
     if project_ms is None or peer_ms is None or not peer_ms > 0:

@@ -15,7 +15,8 @@ detector; seed 0) with 61 tilts from -60 to 60 degrees in steps of 2, and times:
   (its own VmHWM) is reported, so the parent's memory does not count.
 
 Warm-up calls (JIT compilation) are excluded; the median of 15 calls (3 for calls over 1 s) is
-reported, with the ratio project / peer beside the absolute times. Forward projections of the
+reported, with the ratio project / peer beside the absolute times. Forward and adjoint calls of
+the project and ASTRA alternate, so a drift of the machine's speed reaches both alike. Forward projections of the
 project and ASTRA are compared (relative L2 difference after a least-squares scale fit).
 
 Usage:
@@ -47,6 +48,7 @@ from _common import (  # noqa: E402
     ratio,
     run_script_with_peak_rss,
     time_call,
+    time_interleaved,
     update_markdown_block,
     write_json_atomic,
 )
@@ -287,13 +289,13 @@ def run_projection_case(case: str, shape: tuple[int, ...], log) -> dict:
     rows = []
     try:
         log(f"[{case}] forward")
-        t_pf = time_call(lambda: proj.forward(vol_j))
-        t_af = time_call(lambda: astra.forward(vol))
+        t = time_interleaved({"p": lambda: proj.forward(vol_j), "a": lambda: astra.forward(vol)})
+        t_pf, t_af = t["p"], t["a"]
         rows.append(_entry(case, "forward", t_pf, ASTRA, t_af,
                            None if len(shape) == 2 else "ASTRA: loop over y slices"))
         log(f"[{case}] adjoint")
-        t_pa = time_call(lambda: proj.adjoint(sino_j))
-        t_aa = time_call(lambda: astra.adjoint(sino))
+        t = time_interleaved({"p": lambda: proj.adjoint(sino_j), "a": lambda: astra.adjoint(sino)})
+        t_pa, t_aa = t["p"], t["a"]
         rows.append(_entry(case, "adjoint", t_pa, ASTRA, t_aa,
                            None if len(shape) == 2 else "ASTRA: loop over y slices"))
         sum_p = {"median_ms": t_pf["median_ms"] + t_pa["median_ms"]}

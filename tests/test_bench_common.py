@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,21 @@ def test_time_call_rejects_zero_repeats_and_unbounded_calls_without_warmup():
         common.time_call(lambda: None, repeats=0)
     with pytest.raises(ValueError, match="explicit number of repeats"):
         common.time_call(lambda: None, warmup=False)
+
+
+def test_time_interleaved_alternates_the_calls_after_one_warmup_each():
+    order = []
+    t = common.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                repeats=3)
+    assert order == ["a", "b"] * 4
+    assert set(t) == {"a", "b"}
+    assert all(len(v["runs_ms"]) == 3 and v["warmup_ms"] is not None for v in t.values())
+
+
+def test_time_interleaved_times_each_callable_separately():
+    t = common.time_interleaved({"slow": lambda: time.sleep(0.02), "fast": lambda: None},
+                                repeats=2)
+    assert t["slow"]["min_ms"] >= 20.0 > t["fast"]["median_ms"] * 10
 
 
 def test_ratio_is_project_over_peer_and_nan_when_a_side_is_missing():
