@@ -134,6 +134,76 @@ def test_localize_bad_input_is_one_error_line(dataset, tmp_path, capsys):
     assert code == 2 and "--class-names" in err
 
 
+def test_localize_refuses_class_names_that_do_not_match_the_model(dataset, tmp_path, capsys):
+    # A `segment` folder of a 6-class model whose map only uses labels 1..3: three names would
+    # pass the label check yet misname the model's classes, seven would invent one.
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    labels, voxel = io.read_mrc(dataset / "tomo_000_labels.mrc")
+    assert labels.max() <= len(CLASSES)
+    io.write_mrc(seg / "labels.mrc", labels, voxel, dtype=np.int8)
+    model_names = [*CLASSES, "membrane", "gold", "decoy"]
+    (seg / "segmentation.json").write_text(json.dumps({"class_names": model_names}))
+    for names in (CLASSES, [*model_names, "extra"]):
+        code, _, err = run(["localize", "--segmentation", seg, "--out", tmp_path / "p.star",
+                            "--class-names", ",".join(names)], capsys)  # fmt: skip
+        assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+        assert f"gives {len(names)} names" in err and "has 6 classes" in err
+    renamed = [n.upper() for n in model_names]
+    code, _, err = run(["localize", "--segmentation", seg, "--out", tmp_path / "p.star",
+                        "--class-names", ",".join(renamed), "--classes", "1BXN"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert io.read_particles(tmp_path / "p.star").class_names == ("1BXN",)
+
+
+def _empty_like(particles: io.ParticleList) -> io.ParticleList:
+    return io.ParticleList(
+        class_names=particles.class_names, class_ids=np.zeros(0, np.int64),
+        positions=np.zeros((0, 3)), angles_deg=np.zeros((0, 3)),
+        voxel_size=particles.voxel_size, tomo_name=particles.tomo_name,
+    )  # fmt: skip
+
+
+def test_evaluate_empty_lists_give_the_documented_scores(dataset, tmp_path, capsys):
+    # Nothing found: recall 0, precision undefined (null in JSON); nothing to find: the reverse.
+    truth_path = dataset / "tomo_000_particles.star"
+    truth = io.read_particles(truth_path)
+    empty = io.write_particles_star(tmp_path / "empty.star", _empty_like(truth))
+    for predicted, true, defined, undefined in (
+        (empty, truth_path, "recall", "precision"),
+        (truth_path, empty, "precision", "recall"),
+    ):
+        out = tmp_path / "scores.json"
+        code, stdout, err = run(["evaluate", "--predicted", predicted, "--truth", true,
+                                 "--distance", 3, "--out", out], capsys)  # fmt: skip
+        assert code == 0, err
+        loc = json.loads(out.read_text())["localization"]
+        assert loc[defined] == 0.0 and loc[undefined] is None and loc["f1"] == 0.0
+        out.unlink()
+
+
+def test_evaluate_refuses_lists_with_other_class_names(dataset, tmp_path, capsys):
+    truth_path = dataset / "tomo_000_particles.star"
+    truth = io.read_particles(truth_path)
+    other = io.ParticleList(
+        class_names=truth.class_names[::-1], class_ids=truth.class_ids,
+        positions=truth.positions, angles_deg=truth.angles_deg,
+        voxel_size=truth.voxel_size, tomo_name=truth.tomo_name,
+    )  # fmt: skip
+    other_path = io.write_particles_star(tmp_path / "other.star", other)
+    code, _, err = run(["evaluate", "--predicted", other_path, "--truth", truth_path,
+                        "--distance", 3], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert "same class names" in err
+
+
+def test_train_segmenter_refuses_a_patch_size_pooling_cannot_halve(dataset, tmp_path, capsys):
+    code, _, err = run(["train-segmenter", "--dataset", dataset, "--out", tmp_path / "m",
+                        "--patch-size", 18, "--widths", "4,6,8"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error:") and "multiple of 4" in err
+    assert not (tmp_path / "m" / "checkpoint.json").exists()
+
+
 def test_train_segment_localize_evaluate_chain_and_its_bad_input(dataset, tmp_path, capsys):
     # A tiny network for a few steps: the commands' plumbing, not the network's accuracy (that is
     # benchmarks/bench_segmentation.py's job).
@@ -166,6 +236,17 @@ def test_train_segment_localize_evaluate_chain_and_its_bad_input(dataset, tmp_pa
     io.write_mrc(other, io.read_mrc(tomogram)[0], 13.0)
     code, _, err = run(["segment", "--model", model, "--tomogram", other, "--out", seg], capsys)
     assert code == 2 and "10 Å per voxel" in err and "13" in err
+    code, _, err = run(["segment", "--model", model, "--tomogram", tomogram, "--out", seg,
+                        "--patch-size", 18], capsys)  # fmt: skip
+    assert code == 2 and "multiple of 4" in err
+    # A tomogram thinner than a window is padded and says so; the labels keep its shape.
+    thin = tmp_path / "thin.mrc"
+    io.write_mrc(thin, io.read_mrc(tomogram)[0][:8], 10.0)
+    with pytest.warns(UserWarning, match="padded by reflection"):
+        code, _, err = run(["segment", "--model", model, "--tomogram", thin, "--out",
+                            tmp_path / "thin_seg"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert io.read_mrc(tmp_path / "thin_seg" / "labels.mrc")[0].shape == (8, 80, 80)
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run(["segment", "--model", empty, "--tomogram", tomogram, "--out", seg], capsys)

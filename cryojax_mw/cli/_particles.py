@@ -37,7 +37,14 @@ def _segmentation_input(path: Path, class_names: tuple[str, ...] | None):
         labels, voxel = io.read_mrc(path / SEGMENTATION_LABELS)
         if (path / SEGMENTATION_SCORES).exists():
             scores, _ = io.read_mrc(path / SEGMENTATION_SCORES)
-        names = class_names or tuple(meta["class_names"])
+        names = tuple(meta["class_names"])
+        # Other names for the model's labels rename them; another count would misname them.
+        if class_names is not None and len(class_names) != len(names):
+            raise UsageError(
+                f"--class-names gives {len(class_names)} names but the model that made {path} "
+                f"has {len(names)} classes ({', '.join(names)}); give {len(names)} or none"
+            )
+        names = class_names or names
     else:
         labels, voxel = io.read_mrc(path)
         names = class_names
@@ -102,7 +109,8 @@ def _min_sizes(values: tuple[str, ...], classes) -> int | dict[str, int]:
 )  # fmt: skip
 @click.option(
     "--class-names", help="Comma-separated names of labels 1, 2, ... (a label-map MRC needs them "
-    "unless a simulator parameters.json sits beside it).",
+    "unless a simulator parameters.json sits beside it; for a `segment` folder, as many as the "
+    "model's classes).",
 )  # fmt: skip
 @click.option(
     "--classes", help="Comma-separated classes to pick [default: all but the simulator's "
