@@ -342,6 +342,20 @@ def test_sampler_says_when_a_tomogram_is_smaller_than_the_patch():
         PatchSampler([_labelled(0)], n_classes=2, patch_size=8)
 
 
+def test_sampler_refuses_data_without_particles_unless_it_samples_background_only():
+    shape = (12, 12, 12)
+    empty = LabelledTomogram(
+        RNG.normal(size=shape).astype(np.float32), np.zeros(shape, np.int16),
+        _particles([], np.zeros((0, 3))), "empty",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no particle and no labelled voxel"):
+        PatchSampler([empty], n_classes=3, patch_size=8)
+    batch = PatchSampler([empty], n_classes=3, patch_size=8, background_fraction=1.0).sample(
+        jax.random.key(0), 4
+    )
+    assert batch.images.shape == (4, 8, 8, 8) and not batch.labels.any()
+
+
 # ------------------------------------------------------------------------------------ training
 
 
@@ -460,6 +474,9 @@ def test_corrupt_or_missing_checkpoints_are_refused(straight_run, tmp_path):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        load_segmenter(copy)
+    weights.write_bytes(bytes(data[: len(data) // 2]))  # truncated, as by a full disk
     with pytest.raises(ValueError, match="corrupt"):
         load_segmenter(copy)
     weights.unlink()
