@@ -1,0 +1,592 @@
+"""Particle-finding benchmark: U-Net segmentation + mean-shift against template matching.
+
+Three parts (`--parts`, default all three):
+
+- accuracy: a small simulated dataset (SNR 0.1, tilts -60..60 by 2 deg, 8 particle classes small
+  to large). A reduced DeepFinder U-Net is trained on the training tomograms; the held-out
+  tomograms (other seeds) are segmented, clustered by mean-shift (bandwidth = the median
+  equivalent-sphere radius of the classes' templates) and scored with `evaluate_detections`
+  (match distance = that same radius). Template matching (masked NCC over a coarse rotation grid,
+  templates at the dataset's voxel size, missing wedge of the tilt range) runs on the same held-out
+  tomograms. Every threshold (U-Net: smallest cluster per class; template matching: score per
+  class) is chosen on the calibration tomogram, the training run's validation tomogram, to
+  maximise that class's F1 there; the held-out tomograms are never used to choose anything.
+- speed: the published network (widths (32, 48, 64), 13 classes) on one 128^3 block (median of
+  3 calls after a warm-up), and training steps at batch 25 x 56^3 with the default micro-batching
+  (median of 3 steps after the first), each in a child process whose peak memory is its own.
+- whole: one 200 x 512 x 512 simulated tomogram segmented with the published network (sliding
+  windows, label map only) and clustered by mean-shift, in a child process: wall time and peak
+  memory.
+
+    python benchmarks/bench_segmentation.py                    # all parts, results/segmentation.json
+    python benchmarks/bench_segmentation.py --parts accuracy   # results/segmentation_partial.json
+    python benchmarks/bench_segmentation.py --quick            # tiny sizes, results/segmentation_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import (
+    machine_info,
+    markdown_table,
+    run_script_with_peak_rss,
+    time_call,
+    update_markdown_block,
+    write_json_atomic,
+)
+
+PARTS = ("accuracy", "speed", "whole")
+
+# Accuracy part. Eight classes from the smallest shipped SHREC'21 templates up to the proteasome;
+# sizes chosen so that the part runs in about 25 minutes on 2 shared CPU cores.
+ACCURACY = {
+    "full": {
+        "classes": ("3qm1", "1s3x", "3gl1", "3h84", "2cg9", "3d2f", "1bxn", "4cr2"),
+        "shape": (64, 128, 128), "n_particles": 80, "n_train": 3, "n_test": 2,
+        "train": {"widths": (16, 24, 32), "patch_size": 32, "batch_size": 8, "max_shift": 10,
+                  "steps": 400, "learning_rate": 1e-3, "validate_every": 100,
+                  "validation_size": 16},
+        "inference_patch": 64, "tm_angular_step_deg": 45.0, "tm_top_k": 50,
+    },
+    "quick": {
+        "classes": ("1s3x", "1bxn"),
+        "shape": (32, 64, 64), "n_particles": 12, "n_train": 1, "n_test": 2,
+        "train": {"widths": (8, 8, 8), "patch_size": 16, "batch_size": 2, "max_shift": 4,
+                  "steps": 3, "learning_rate": 1e-3, "validate_every": 3, "validation_size": 2},
+        "inference_patch": 32, "tm_angular_step_deg": 90.0, "tm_top_k": 10,
+    },
+}  # fmt: skip
+# Seeds of the simulated tomograms: training ones, the calibration (validation) one, held-out ones.
+TRAIN_SEED, TEST_SEED = 0, 100
+SNR, TILT_MIN, TILT_MAX, TILT_STEP = 0.1, -60.0, 60.0, 2.0
+
+# Speed part: the published network; the reference implementation's figures are quoted.
+SPEED = {
+    "full": {"block": 128, "train_patch": 56, "train_batch": 25, "timed_steps": 3,
+             "train_shape": (64, 128, 128)},
+    "quick": {"block": 32, "train_patch": 16, "train_batch": 5, "timed_steps": 2,
+              "train_shape": (48, 64, 64)},
+}  # fmt: skip
+PUBLISHED_N_CLASSES = 13
+REFERENCE = {"inference_128_s": 10.0, "train_step_s": 43.0, "speedup_target": 3.0,
+             "source": "Keras/TensorFlow DeepFinder on a comparable CPU machine, as quoted in the "
+                       "issue (not measured here)"}  # fmt: skip
+
+# Whole-tomogram part: the simulator benchmark's SHREC-sized tomogram.
+WHOLE = {
+    "full": {"shape": (200, 512, 512), "n_particles": 1500, "n_vesicles": 3, "n_gold": 5,
+             "n_decoys": 50, "patch_size": 128, "batch_size": 1},
+    "quick": {"shape": (64, 128, 128), "n_particles": 60, "n_vesicles": 1, "n_gold": 2,
+              "n_decoys": 10, "patch_size": 32, "batch_size": 2},
+}  # fmt: skip
+WHOLE_BANDWIDTH = 5.0  # voxels, DeepFinder's clustRadius for SHREC at 10 Å/voxel
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# accuracy
+
+
+def equivalent_radius(n_voxels: int) -> float:
+    """Radius in voxels of the ball with `n_voxels` voxels."""
+    return (3.0 * n_voxels / (4.0 * math.pi)) ** (1.0 / 3.0)
+
+
+def subset(particles, keep):
+    """The particles where the boolean `keep` is True, as a new ParticleList."""
+    from cryojax_mw.io import ParticleList
+
+    return ParticleList(
+        class_names=particles.class_names, class_ids=particles.class_ids[keep],
+        positions=particles.positions[keep], angles_deg=particles.angles_deg[keep],
+        voxel_size=particles.voxel_size, tomo_name=particles.tomo_name,
+    )  # fmt: skip
+
+
+def apply_thresholds(detections, values, thresholds: dict):
+    """Keep the detections whose `values` reach their class's threshold (a class missing from
+    `thresholds` keeps everything)."""
+    import numpy as np
+
+    names = detections.particles.class_names
+    limit = np.array([thresholds.get(n, -np.inf) for n in names])
+    keep = values >= limit[detections.particles.class_ids - 1]
+    return subset(detections.particles, keep)
+
+
+def calibrate_thresholds(detections, values, truth, max_distance: float) -> dict:
+    """Per class, the threshold on `values` that maximises the class's F1 on this tomogram.
+
+    Each class is scored alone (its detections only) against the whole truth; candidates are the
+    class's own values (keeping everything from that value up). Ties go to the lower threshold.
+    """
+    import numpy as np
+
+    from cryojax_mw import localize
+
+    out = {}
+    names = detections.particles.class_names
+    for k, name in enumerate(names, start=1):
+        mine = detections.particles.class_ids == k
+        candidates = np.unique(values[mine])
+        if candidates.size > 200:
+            candidates = np.unique(np.quantile(values[mine], np.linspace(0, 1, 200)))
+        best = (-1.0, math.inf)
+        for t in candidates:
+            pred = subset(detections.particles, mine & (values >= t))
+            f1 = localize.evaluate_detections(pred, truth, max_distance=max_distance).f1[k - 1]
+            f1 = 0.0 if not np.isfinite(f1) else float(f1)
+            if f1 > best[0]:
+                best = (f1, float(t))
+        out[name] = {"threshold": best[1], "calibration_f1": best[0]}
+    return out
+
+
+def scores_from_counts(tp: int, fp: int, fn: int) -> dict:
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / (tp + fn) if tp + fn else math.nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
+
+
+def pooled_scores(evaluations, classes) -> dict:
+    """Per-class and overall scores from the counts summed over several tomograms."""
+    per_class = {}
+    for k, name in enumerate(classes):
+        per_class[name] = scores_from_counts(*(int(sum(getattr(e, a)[k] for e in evaluations))
+                                               for a in ("tp", "fp", "fn")))  # fmt: skip
+    overall = {}
+    for kind in ("localization", "classification"):
+        overall[kind] = scores_from_counts(*(int(sum(getattr(e, kind)[a] for e in evaluations))
+                                             for a in ("tp", "fp", "fn")))  # fmt: skip
+    return {"per_class": per_class, **overall}
+
+
+def run_accuracy(case: str, workdir: Path) -> dict:
+    """Simulate, train, segment, cluster, match templates, calibrate and score."""
+    import jax
+    import numpy as np
+
+    from cryojax_mw import localize, nn, simulate
+
+    spec = ACCURACY[case]
+    classes = spec["classes"]
+    sim_config = simulate.SimulationConfig(
+        shape=spec["shape"], classes=classes, n_particles=spec["n_particles"], occupancy=None,
+        snr=SNR, tilt_min=TILT_MIN, tilt_max=TILT_MAX, tilt_step=TILT_STEP,
+    )  # fmt: skip
+    voxel_size = sim_config.voxel_size
+    templates = {t.name: t for t in sim_config.load_templates()}
+    radii = {n: equivalent_radius(templates[n].n_mask_voxels) for n in classes}
+    radius = float(np.median(list(radii.values())))
+    timings = {}
+
+    tic = time.perf_counter()
+    seeds = {"train": [TRAIN_SEED + i for i in range(spec["n_train"])],
+             "calibration": [TRAIN_SEED + spec["n_train"]],
+             "test": [TEST_SEED + i for i in range(spec["n_test"])]}  # fmt: skip
+    sims = {}
+    for role, role_seeds in seeds.items():
+        sims[role] = [simulate.simulate_tomogram(jax.random.key(s), sim_config, name=f"{role}_{s}")
+                      for s in role_seeds]  # fmt: skip
+    timings["simulate_s"] = time.perf_counter() - tic
+    log(f"simulated {sum(map(len, sims.values()))} tomograms in {timings['simulate_s']:.0f} s")
+
+    def labelled(sim):
+        return nn.LabelledTomogram(sim.tomogram, sim.labels, sim.particles, sim.particles.tomo_name)
+
+    train_config = nn.TrainConfig(**spec["train"], checkpoint_every=10**6, seed=0)
+    tic = time.perf_counter()
+    segmenter = nn.train_segmenter(
+        train_config, [labelled(s) for s in sims["train"]], [labelled(s) for s in sims["calibration"]],
+        workdir / "model", label_names=sim_config.label_names, progress=False, resume=False,
+    )  # fmt: skip
+    timings["train_s"] = time.perf_counter() - tic
+    history = json.loads((workdir / "model" / "history.json").read_text())
+    step_s = history["seconds"][1:] or history["seconds"]
+    log(f"trained {train_config.steps} steps in {timings['train_s']:.0f} s")
+
+    def unet_detections(sim):
+        seg = localize.segment_tomogram(
+            segmenter.predict_proba, sim.tomogram, patch_size=spec["inference_patch"],
+            n_classes=segmenter.n_classes, probabilities=None, progress=False,
+        )  # fmt: skip
+        return localize.cluster_mean_shift(
+            seg.label_map, bandwidth=radius, class_names=segmenter.class_names[1:],
+            voxel_size=voxel_size, scores=seg.max_probability, classes=classes,
+            tomo_name=sim.particles.tomo_name,
+        )  # fmt: skip
+
+    grid = localize.rotation_grid(spec["tm_angular_step_deg"])
+
+    def tm_detections(sim):
+        matches = {
+            n: localize.match_template(
+                sim.tomogram, templates[n].density, templates[n].mask, angles_deg=grid,
+                wedge=(TILT_MIN, TILT_MAX), progress=False,
+            )
+            for n in classes
+        }  # fmt: skip
+        return localize.pick_peaks(
+            matches, voxel_size=voxel_size, min_distance=radii, top_k=spec["tm_top_k"],
+            class_names=classes, tomo_name=sim.particles.tomo_name,
+        )  # fmt: skip
+
+    (calib,) = sims["calibration"]
+    tic = time.perf_counter()
+    unet_calib = unet_detections(calib)
+    unet_thresholds = calibrate_thresholds(unet_calib, unet_calib.sizes, calib.particles, radius)
+    timings["unet_calibration_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    tm_calib = tm_detections(calib)
+    tm_thresholds = calibrate_thresholds(tm_calib, tm_calib.scores, calib.particles, radius)
+    timings["tm_calibration_s"] = time.perf_counter() - tic
+    log(f"calibrated on {calib.particles.tomo_name}: U-Net {timings['unet_calibration_s']:.0f} s, "
+        f"TM {timings['tm_calibration_s']:.0f} s")  # fmt: skip
+
+    evaluations = {"unet": [], "template_matching": []}
+    per_tomogram = []
+    timings["unet_test_s"] = timings["tm_test_s"] = 0.0
+    for sim in sims["test"]:
+        tic = time.perf_counter()
+        found = unet_detections(sim)
+        unet_pred = apply_thresholds(
+            found, found.sizes, {n: v["threshold"] for n, v in unet_thresholds.items()}
+        )
+        timings["unet_test_s"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        found = tm_detections(sim)
+        tm_pred = apply_thresholds(
+            found, found.scores, {n: v["threshold"] for n, v in tm_thresholds.items()}
+        )
+        timings["tm_test_s"] += time.perf_counter() - tic
+        row = {"tomogram": sim.particles.tomo_name, "n_true": len(sim.particles)}
+        for method, pred in (("unet", unet_pred), ("template_matching", tm_pred)):
+            ev = localize.evaluate_detections(pred, sim.particles, max_distance=radius)
+            evaluations[method].append(ev)
+            row[method] = {"n_predicted": len(pred), "localization_f1": ev.localization["f1"],
+                           "classification_f1": ev.classification["f1"],
+                           "mean_distance_voxels": ev.mean_distance}  # fmt: skip
+        per_tomogram.append(row)
+        log(f"scored {row['tomogram']}: U-Net loc. F1 {row['unet']['localization_f1']:.3f}, "
+            f"TM {row['template_matching']['localization_f1']:.3f}")  # fmt: skip
+
+    results = {m: pooled_scores(evs, classes) for m, evs in evaluations.items()}
+    unet_f1 = [results["unet"]["per_class"][n]["f1"] for n in classes]
+    tm_f1 = [results["template_matching"]["per_class"][n]["f1"] for n in classes]
+    ahead = [n for n, u, t in zip(classes, unet_f1, tm_f1)
+             if (0.0 if math.isnan(u) else u) > (0.0 if math.isnan(t) else t)]  # fmt: skip
+    loc_f1 = results["unet"]["localization"]["f1"]
+    return {
+        "case": case,
+        "simulation": {**sim_config.to_json(), "seeds": seeds,
+                       "particles_per_tomogram": [len(s.particles) for s in sims["test"]],
+                       "measured_snr": [s.acquisition.measured_snr
+                                        for role in sims.values() for s in role]},  # fmt: skip
+        "training": {"config": train_config.to_json(), "steps": train_config.steps,
+                     "wall_s": timings["train_s"], "median_step_s": float(np.median(step_s)),
+                     "final_train_loss": history["loss"][-1],
+                     "validation": history["validation"]},  # fmt: skip
+        "settings": {
+            "class_radius_voxels": radii, "mean_shift_bandwidth_voxels": radius,
+            "match_distance_voxels": radius, "inference_patch": spec["inference_patch"],
+            "tm_rotations": len(grid), "tm_angular_step_deg": spec["tm_angular_step_deg"],
+            "tm_wedge_deg": [TILT_MIN, TILT_MAX], "tm_top_k": spec["tm_top_k"],
+            "calibration_tomogram": calib.particles.tomo_name,
+            "unet_min_cluster_size": unet_thresholds, "tm_score_threshold": tm_thresholds,
+        },
+        "timings_s": timings,
+        "results": results,
+        "per_tomogram": per_tomogram,
+        "targets": {
+            "unet_ahead_on_every_class": {"classes_ahead": ahead, "n_classes": len(classes),
+                                          "pass": len(ahead) == len(classes)},
+            "unet_localization_f1": {"measured": loc_f1, "target": 0.85,
+                                     "pass": bool(loc_f1 >= 0.85)},
+        },
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# speed and whole (children)
+
+
+def published_segmenter(patch_size: int):
+    """The published DeepFinder network (default widths, 13 classes), He-initialised weights."""
+    from flax import nnx
+
+    from cryojax_mw import nn, simulate
+
+    model = nn.DeepFinderUNet(PUBLISHED_N_CLASSES, rngs=nnx.Rngs(0))
+    names = ("background", *simulate.SHREC_CLASSES)
+    return nn.Segmenter(model, class_names=names, voxel_size=10.0, patch_size=patch_size)
+
+
+def child_inference(case: str) -> dict:
+    import jax
+    import numpy as np
+
+    n = SPEED[case]["block"]
+    seg = published_segmenter(n)
+    block = np.random.default_rng(0).normal(size=(1, n, n, n)).astype(np.float32)
+    timing = time_call(lambda: jax.block_until_ready(seg.predict_proba(block)), repeats=3)
+    return {"block": n, "timing": timing}
+
+
+def child_train(case: str) -> dict:
+    import jax
+
+    from cryojax_mw import nn, simulate
+
+    spec = SPEED[case]
+    # Twelve SHREC classes and no other bodies: background + 12 = the published 13 outputs.
+    sim_config = simulate.SimulationConfig(
+        shape=spec["train_shape"], classes=simulate.SHREC_CLASSES, occupancy=0.1, n_vesicles=0,
+        n_gold=0, n_decoys=0,
+    )  # fmt: skip
+    sim = simulate.simulate_tomogram(jax.random.key(0), sim_config)
+    item = nn.LabelledTomogram(sim.tomogram, sim.labels, sim.particles)
+    names = ("background", *simulate.SHREC_CLASSES)
+    config = nn.TrainConfig(
+        patch_size=spec["train_patch"], batch_size=spec["train_batch"],
+        max_shift=min(13, spec["train_patch"] // 2 - 1), steps=1 + spec["timed_steps"],
+        validate_every=10**6, validation_size=1, checkpoint_every=10**6,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        nn.train_segmenter(config, [item], [item], folder, label_names=names, progress=False)
+        history = json.loads((Path(folder) / "history.json").read_text())
+    seconds = history["seconds"]
+    return {"patch": spec["train_patch"], "batch": spec["train_batch"],
+            "micro_batch_size": config.micro_batch_size,
+            "micro_batches_per_call": config.micro_batches_per_call,
+            "warmup_step_s": seconds[0], "steps_s": seconds[1:],
+            "median_step_s": sorted(seconds[1:])[len(seconds[1:]) // 2]}  # fmt: skip
+
+
+def child_whole(case: str) -> dict:
+    import jax
+    import numpy as np
+
+    from cryojax_mw import localize, simulate
+
+    spec = WHOLE[case]
+    sim_config = simulate.SimulationConfig(
+        shape=spec["shape"], n_particles=spec["n_particles"], occupancy=None,
+        n_vesicles=spec["n_vesicles"], n_gold=spec["n_gold"], n_decoys=spec["n_decoys"],
+        snr=SNR, tilt_min=TILT_MIN, tilt_max=TILT_MAX, tilt_step=TILT_STEP,
+    )  # fmt: skip
+    tic = time.perf_counter()
+    sim = simulate.simulate_tomogram(jax.random.key(0), sim_config)
+    simulate_s = time.perf_counter() - tic
+    seg = published_segmenter(spec["patch_size"])
+    tic = time.perf_counter()
+    out = localize.segment_tomogram(
+        seg.predict_proba, sim.tomogram, patch_size=spec["patch_size"],
+        n_classes=seg.n_classes, batch_size=spec["batch_size"], probabilities=None,
+        progress=False,
+    )  # fmt: skip
+    segment_s = time.perf_counter() - tic
+    # Untrained weights give an arbitrary label map whose clustering time says nothing; the
+    # clustering is timed on the simulator's label map of the particle classes, the map of a
+    # perfect segmenter (same number of foreground voxels as a good network's).
+    names = sim_config.label_names[1:]
+    truth_map = np.where(sim.labels <= len(sim_config.classes), sim.labels, 0)
+    tic = time.perf_counter()
+    found = localize.cluster_mean_shift(
+        truth_map, bandwidth=WHOLE_BANDWIDTH, class_names=names,
+        voxel_size=sim_config.voxel_size, classes=sim_config.classes,
+    )  # fmt: skip
+    cluster_s = time.perf_counter() - tic
+    return {"shape": list(spec["shape"]), "patch_size": spec["patch_size"], "crop": out.crop,
+            "n_tiles": out.n_tiles, "simulate_s": simulate_s, "segment_s": segment_s,
+            "cluster_s": cluster_s, "segment_and_cluster_s": segment_s + cluster_s,
+            "foreground_voxels": int((truth_map > 0).sum()), "n_true": len(sim.particles),
+            "n_clusters": len(found.particles)}  # fmt: skip
+
+
+CHILDREN = {"inference": child_inference, "train": child_train, "whole": child_whole}
+
+
+def in_child(name: str, case: str) -> dict:
+    stdout, peak = run_script_with_peak_rss(Path(__file__), ["--child", name, "--case", case])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_gb"] = peak / 1e9
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def _f(x, fmt=".3f"):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _status(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def render(report: dict) -> str:
+    """The Markdown block of a report (whatever parts it holds)."""
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu_model']}, {m['cores']} cores usable, {m['memory_gb']} GB; "
+             f"jax {m['versions'].get('jax')}; {m['date_utc']}; parts: "
+             f"{', '.join(report['parts'])}."]  # fmt: skip
+    targets = []
+    acc = report.get("accuracy")
+    if acc:
+        sim, tr, st = acc["simulation"], acc["training"], acc["settings"]
+        cfg = tr["config"]
+        lines.append(
+            f"\n**Accuracy** ({len(sim['classes'])} classes, {'x'.join(map(str, sim['shape']))} "
+            f"voxels at {sim['voxel_size']} Å, {sim['n_particles']} particles per tomogram, SNR "
+            f"{sim['snr']}, tilts {sim['tilt_min']:g}..{sim['tilt_max']:g} by {sim['tilt_step']:g}; "
+            f"{len(sim['seeds']['train'])} training tomograms, calibration on "
+            f"`{st['calibration_tomogram']}` (the training run's validation tomogram), "
+            f"{len(sim['seeds']['test'])} held-out tomograms (seeds {sim['seeds']['test']}), "
+            f"scores pooled over them). U-Net: widths {tuple(cfg['widths'])}, patch "
+            f"{cfg['patch_size']}^3, batch {cfg['batch_size']}, {tr['steps']} Adam steps "
+            f"(lr {cfg['learning_rate']:g}, cross-entropy) in {tr['wall_s']:.0f} s "
+            f"({tr['median_step_s']:.2f} s/step); inference windows {st['inference_patch']}^3; "
+            f"mean-shift bandwidth = match distance = {st['mean_shift_bandwidth_voxels']:.2f} "
+            f"voxels (median equivalent-sphere radius of the class templates). Template matching: "
+            f"masked NCC, {st['tm_rotations']} rotations ({st['tm_angular_step_deg']:g} deg grid), "
+            f"missing wedge {st['tm_wedge_deg'][0]:g}..{st['tm_wedge_deg'][1]:g} deg, templates "
+            f"at {sim['voxel_size']} Å, peaks at least a class radius apart, at most "
+            f"{st['tm_top_k']} per class. Thresholds (U-Net smallest cluster, TM score) chosen "
+            f"per class for the best F1 on the calibration tomogram only."
+        )
+        rows = []
+        for name in sim["classes"]:
+            u = acc["results"]["unet"]["per_class"][name]
+            t = acc["results"]["template_matching"]["per_class"][name]
+            rows.append([name, f"{st['class_radius_voxels'][name]:.1f}",
+                         u["tp"] + u["fn"], _f(u["precision"]), _f(u["recall"]), _f(u["f1"]),
+                         _f(st["unet_min_cluster_size"][name]["threshold"], ".0f"),
+                         _f(t["precision"]), _f(t["recall"]), _f(t["f1"]),
+                         _f(st["tm_score_threshold"][name]["threshold"])])  # fmt: skip
+        for kind in ("localization", "classification"):
+            u, t = acc["results"]["unet"][kind], acc["results"]["template_matching"][kind]
+            rows.append([f"**all ({kind})**", None, u["tp"] + u["fn"], _f(u["precision"]),
+                         _f(u["recall"]), _f(u["f1"]), None, _f(t["precision"]),
+                         _f(t["recall"]), _f(t["f1"]), None])  # fmt: skip
+        lines.append("\n" + markdown_table(
+            ["class", "radius (vox)", "true", "U-Net P", "U-Net R", "U-Net F1",
+             "min cluster", "TM P", "TM R", "TM F1", "TM threshold"], rows))  # fmt: skip
+        tg = acc["targets"]
+        ahead = tg["unet_ahead_on_every_class"]
+        targets.append(["U-Net F1 above template matching on every class",
+                        f"{len(ahead['classes_ahead'])} of {ahead['n_classes']} classes",
+                        "all", _status(ahead["pass"])])  # fmt: skip
+        loc = tg["unet_localization_f1"]
+        targets.append(["U-Net overall localization F1 (held-out)", _f(loc["measured"]), "0.85",
+                        _status(loc["pass"])])  # fmt: skip
+    speed = report.get("speed")
+    if speed:
+        inf, trn = speed["inference"], speed["train"]
+        inf_s, trn_s = inf["timing"]["median_ms"] / 1e3, trn["median_step_s"]
+        ref = REFERENCE
+        # The quoted figures are for a 128^3 block and a 25 x 56^3 batch; other sizes (--quick)
+        # are not compared with them.
+        same = {"inference": inf["block"] == 128,
+                "training step": (trn["batch"], trn["patch"]) == (25, 56)}  # fmt: skip
+        lines.append(
+            f"\n**Speed**, published network (widths (32, 48, 64), {PUBLISHED_N_CLASSES} classes), "
+            f"float32. Reference figures quoted, not measured: {ref['source']}."
+        )
+        rows = []
+        for what, label, measured, refv, peak in (
+            ("inference", f"inference, one {inf['block']}^3 block (median of 3 after warm-up)",
+             inf_s, ref["inference_128_s"], inf["peak_rss_gb"]),
+            ("training step", f"training step, batch {trn['batch']} x {trn['patch']}^3 "
+             f"(micro-batches of {trn['micro_batch_size']}, {trn['micro_batches_per_call']} per "
+             f"call; median of {len(trn['steps_s'])} after the first)",
+             trn_s, ref["train_step_s"], trn["peak_rss_gb"]),
+        ):  # fmt: skip
+            rows.append([label, f"{measured:.2f}", f"{peak:.2f}",
+                         refv if same[what] else None,
+                         f"{refv / measured:.2f}x" if same[what] else None])  # fmt: skip
+            if same[what]:
+                goal = refv / ref["speedup_target"]
+                targets.append([f"{what}: {ref['speedup_target']:g}x faster than the quoted "
+                                "reference", f"{measured:.2f} s", f"{goal:.2f} s",
+                                _status(measured <= goal)])  # fmt: skip
+        lines.append("\n" + markdown_table(
+            ["operation", "cryojax_mw (s)", "peak memory (GB)", "reference (s, quoted)",
+             "speed-up"], rows))  # fmt: skip
+    whole = report.get("whole")
+    if whole:
+        lines.append(
+            f"\n**Whole tomogram** ({'x'.join(map(str, whole['shape']))}, simulated): published "
+            f"network with He-initialised weights (the time does not depend on them), windows "
+            f"{whole['patch_size']}^3 cropped by {whole['crop']}, label map only; mean-shift "
+            f"(bandwidth {WHOLE_BANDWIDTH:g}) timed on the simulator's label map of the particle "
+            f"classes ({whole['foreground_voxels']} foreground voxels), the map a perfect "
+            f"segmenter would give, since an untrained network's map is arbitrary."
+        )
+        lines.append("\n" + markdown_table(
+            ["tiles", "segment (s)", "cluster (s)", "segment + cluster (s)", "clusters / true",
+             "peak memory (GB)"],
+            [[whole["n_tiles"], f"{whole['segment_s']:.0f}", f"{whole['cluster_s']:.0f}",
+              f"{whole['segment_and_cluster_s']:.0f}", f"{whole['n_clusters']} / {whole['n_true']}",
+              f"{whole['peak_rss_gb']:.2f}"]]))  # fmt: skip
+    if targets:
+        lines.append("\nTargets the project states (reported as measured, never tuned towards):\n")
+        lines.append(markdown_table(["target", "measured", "target", "status"], targets))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a minute or two")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=("full", "quick"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args.case)))
+        return 0
+    case = "quick" if args.quick else "full"
+    parts = [part for part in PARTS if part in args.parts]
+    report = {"machine": {**machine_info(("jax", "flax", "numpy")),
+                          "load_average_start": os.getloadavg()[0]},
+              "case": case, "parts": parts}  # fmt: skip
+    if "accuracy" in parts:
+        with tempfile.TemporaryDirectory() as folder:
+            report["accuracy"] = run_accuracy(case, Path(folder))
+    if "speed" in parts:
+        log("speed: inference")
+        report["speed"] = {"inference": in_child("inference", case)}
+        log("speed: training steps")
+        report["speed"]["train"] = in_child("train", case)
+    if "whole" in parts:
+        log("whole tomogram")
+        report["whole"] = in_child("whole", case)
+    report["machine"]["load_average_end"] = os.getloadavg()[0]
+    complete = not args.quick and parts == list(PARTS)
+    name = ("segmentation_quick.json" if args.quick
+            else "segmentation.json" if complete else "segmentation_partial.json")  # fmt: skip
+    write_json_atomic(HERE / "results" / name, report)
+    text = render(report)
+    print(text)
+    if complete:
+        update_markdown_block(HERE / "README.md", "segmentation", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
