@@ -152,6 +152,8 @@ def calibrate_thresholds(detections, values, truth, max_distance: float) -> dict
             f1 = 0.0 if not np.isfinite(f1) else float(f1)
             if f1 > best[0]:
                 best = (f1, float(t))
+        if not candidates.size:  # no detection of this class: keep none (F1 0 there)
+            best = (0.0, math.inf)
         out[name] = {"threshold": best[1], "calibration_f1": best[0]}
     return out
 
@@ -436,6 +438,11 @@ def _f(x, fmt=".3f"):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _threshold(x, fmt):
+    """A calibrated threshold; infinite (null in the JSON): the class keeps no detection."""
+    return "none kept" if x is None or math.isinf(x) else format(x, fmt)
+
+
 def _status(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
@@ -468,7 +475,8 @@ def render(report: dict) -> str:
             f"missing wedge {st['tm_wedge_deg'][0]:g}..{st['tm_wedge_deg'][1]:g} deg, templates "
             f"at {sim['voxel_size']} Å, peaks at least a class radius apart, at most "
             f"{st['tm_top_k']} per class. Thresholds (U-Net smallest cluster, TM score) chosen "
-            f"per class for the best F1 on the calibration tomogram only."
+            f"per class for the best F1 on the calibration tomogram only; 'none kept': the "
+            f"method found no particle of that class there, so it keeps none."
         )
         rows = []
         for name in sim["classes"]:
@@ -476,9 +484,9 @@ def render(report: dict) -> str:
             t = acc["results"]["template_matching"]["per_class"][name]
             rows.append([name, f"{st['class_radius_voxels'][name]:.1f}",
                          u["tp"] + u["fn"], _f(u["precision"]), _f(u["recall"]), _f(u["f1"]),
-                         _f(st["unet_min_cluster_size"][name]["threshold"], ".0f"),
+                         _threshold(st["unet_min_cluster_size"][name]["threshold"], ".0f"),
                          _f(t["precision"]), _f(t["recall"]), _f(t["f1"]),
-                         _f(st["tm_score_threshold"][name]["threshold"])])  # fmt: skip
+                         _threshold(st["tm_score_threshold"][name]["threshold"], ".3f")])  # fmt: skip
         for kind in ("localization", "classification"):
             u, t = acc["results"]["unet"][kind], acc["results"]["template_matching"][kind]
             rows.append([f"**all ({kind})**", None, u["tp"] + u["fn"], _f(u["precision"]),
