@@ -28,6 +28,9 @@ SLOW_CALL_S = 1.0
 # more calls make the median less sensitive to such swings.
 FAST_REPEATS = 15
 SLOW_REPEATS = 3
+# Interleaved timing: calls per burst fill about this many seconds, and are at most MAX_BURST.
+BURST_S = 0.5
+MAX_BURST = 50
 
 
 def time_call(fn: Callable[[], Any], repeats: int | None = None, warmup: bool = True) -> dict:
@@ -69,40 +72,66 @@ def time_call(fn: Callable[[], Any], repeats: int | None = None, warmup: bool = 
     }
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int | None = None) -> dict:
-    """Time several callables in alternation: one excluded warm-up call each, then rounds in which
-    each is called once, so a drift of the machine's speed during the run (seen here: +-30% between
-    minutes) reaches every callable alike and leaves their ratios alone.
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int | None = None, burst_s: float = BURST_S
+) -> dict:
+    """Time several callables in alternation: two excluded warm-up calls each (the second sizes
+    the run), then rounds in which each runs a short burst of calls back to back, so a drift of the machine's speed during the run
+    (seen here: +-30% between minutes) reaches every callable alike and leaves their ratios alone.
+
+    Bursts, not single calls: the project's kernels use both cores, and its first call after a
+    long single-threaded peer call ran up to 2x slower while the idle core woke up (128^3 forward:
+    21 ms alone after ASTRA, 9-10 ms from the third call of a burst on). A solver calls the
+    operator back to back, as a burst does. Every call is timed and kept; the median is over all.
 
     Args:
         fns: name -> callable with no arguments that returns once its work is finished.
-        repeats: rounds; None picks `FAST_REPEATS`, or `SLOW_REPEATS` when any warm-up call took
-            longer than `SLOW_CALL_S` seconds.
+        repeats: rounds; None picks `FAST_REPEATS`, or `SLOW_REPEATS` when any second warm-up
+            call took longer than `SLOW_CALL_S` seconds.
+        burst_s: a callable's burst has as many calls as fit in this many seconds by its second
+            warm-up call (at least 1, at most `MAX_BURST`); 0 gives single calls.
 
     Returns:
-        name -> the dict `time_call` returns for it.
+        name -> the dict `time_call` returns for it, plus `burst` (calls per round) and
+        `cores_busy` (the process's CPU time over wall time during its calls: about 1 for
+        single-threaded code); `runs_ms` is in call order, so each burst's first call can be
+        picked out.
     """
     if repeats is not None and repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats}")
-    warmup_s = {}
+    if burst_s < 0:
+        raise ValueError(f"burst_s must be >= 0, got {burst_s}")
+    warmup_s, call_s = {}, {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
         warmup_s[name] = time.perf_counter() - t0
+        # The warm-up call includes compilation; a second, also excluded, call sizes the run.
+        t0 = time.perf_counter()
+        fn()
+        call_s[name] = time.perf_counter() - t0
     if repeats is None:
-        repeats = SLOW_REPEATS if max(warmup_s.values()) > SLOW_CALL_S else FAST_REPEATS
+        repeats = SLOW_REPEATS if max(call_s.values()) > SLOW_CALL_S else FAST_REPEATS
+    burst = {
+        name: max(1, min(MAX_BURST, int(burst_s / max(c, 1e-9)))) for name, c in call_s.items()
+    }
     runs = {name: [] for name in fns}
+    cpu = dict.fromkeys(fns, 0.0)
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - t0)
+            for _ in range(burst[name]):
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                runs[name].append(time.perf_counter() - t0)
+                cpu[name] += time.process_time() - c0
     return {
         name: {
             "median_ms": 1e3 * statistics.median(r),
             "min_ms": 1e3 * min(r),
             "runs_ms": [1e3 * x for x in r],
             "warmup_ms": 1e3 * warmup_s[name],
+            "burst": burst[name],
+            "cores_busy": cpu[name] / sum(r),
         }
         for name, r in runs.items()
     }
@@ -278,7 +307,8 @@ def fmt_ms(ms: float | None) -> str | None:
     """Milliseconds with three significant figures, or None."""
     if ms is None or not math.isfinite(ms):
         return None
-    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+    # 999.9 would print as "1e+03" in three significant figures.
+    return f"{ms:.3g}" if ms < 999.5 else f"{ms:,.0f}"
 
 
 def fmt_ratio(r: float | None) -> str | None:

@@ -1,10 +1,11 @@
 """One JAX CPU device per core, so that independent work (sampler chains) can use every core.
 
-XLA:CPU runs most kernels on a single thread, and JAX exposes the whole CPU as one device: a vmap
-over 8 chains then costs 8 chains' time on one core while the other cores idle. With one CPU
-device per core, `run_chains` splits the chains among them (`shard_map`). The default device stays
-the first CPU device, so single-device code runs as before; on a machine with a GPU the default
-backend is the GPU and nothing changes.
+JAX exposes the whole CPU as one device. With one CPU device per core, `run_chains` splits the
+chains among them (`shard_map`), so work that XLA:CPU keeps on one thread still uses every core.
+(With jax 0.10 XLA:CPU spreads large fused loops over its threads anyway: on 2 cores, 8 MWR chains
+at 64^3 took the same time on one device as split over two.) The default device stays the first
+CPU device, so single-device code runs as before; on a machine with a GPU the default backend is
+the GPU and nothing changes.
 
 JAX fixes its CPU device count when its backends start, which importing blackjax already does, so
 this runs when cryojax_mw is imported. It leaves alone a count the user chose (the config option

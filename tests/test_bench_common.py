@@ -43,19 +43,54 @@ def test_time_call_rejects_zero_repeats_and_unbounded_calls_without_warmup():
         common.time_call(lambda: None, warmup=False)
 
 
-def test_time_interleaved_alternates_the_calls_after_one_warmup_each():
+def test_time_interleaved_alternates_the_calls_after_two_warmups_each():
     order = []
     t = common.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                                repeats=3)
-    assert order == ["a", "b"] * 4
+                                repeats=3, burst_s=0)
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert set(t) == {"a", "b"}
     assert all(len(v["runs_ms"]) == 3 and v["warmup_ms"] is not None for v in t.values())
+
+
+def test_time_interleaved_bursts_fill_their_time_and_stay_bounded():
+    order = []
+
+    def slow():
+        order.append("s")
+        time.sleep(0.03)
+
+    t = common.time_interleaved({"s": slow, "f": lambda: order.append("f")}, repeats=2,
+                                burst_s=0.07)
+    # Two warm-up calls each, then per round: two 30 ms calls fill 0.07 s; the fast one gets
+    # MAX_BURST.
+    assert order == ["s", "s", "f", "f"] + (["s"] * 2 + ["f"] * common.MAX_BURST) * 2
+    assert (t["s"]["burst"], t["f"]["burst"]) == (2, common.MAX_BURST)
+    assert len(t["f"]["runs_ms"]) == 2 * common.MAX_BURST
+    with pytest.raises(ValueError, match="burst_s"):
+        common.time_interleaved({"f": lambda: None}, burst_s=-1)
 
 
 def test_time_interleaved_times_each_callable_separately():
     t = common.time_interleaved({"slow": lambda: time.sleep(0.02), "fast": lambda: None},
                                 repeats=2)
     assert t["slow"]["min_ms"] >= 20.0 > t["fast"]["median_ms"] * 10
+    # Sleeping uses no CPU; a busy loop keeps one core busy.
+    assert t["slow"]["cores_busy"] < 0.5
+
+
+def test_time_interleaved_reports_cpu_time_over_wall_time_as_cores_busy(monkeypatch):
+    # A fake machine on which every call takes 1 s of wall time and 2 s of CPU time (two cores).
+    clock = {"wall": 0.0, "cpu": 0.0}
+
+    def work():
+        clock["wall"] += 1.0
+        clock["cpu"] += 2.0
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(common.time, "process_time", lambda: clock["cpu"])
+    t = common.time_interleaved({"w": work}, repeats=3, burst_s=0)
+    assert t["w"]["cores_busy"] == 2.0
+    assert t["w"]["runs_ms"] == [1000.0] * 3
 
 
 def test_ratio_is_project_over_peer_and_nan_when_a_side_is_missing():
@@ -131,3 +166,10 @@ def test_machine_info_reports_cores_and_versions():
     assert info["versions"]["numpy"] == np.__version__
     assert info["versions"]["surely-not-installed-pkg"] is None
     assert sys.version.startswith(info["python"])
+
+
+def test_fmt_ms_keeps_three_figures_and_never_prints_exponents():
+    assert common.fmt_ms(2.594) == "2.59"
+    assert common.fmt_ms(999.9) == "1,000"
+    assert common.fmt_ms(55116.2) == "55,116"
+    assert common.fmt_ms(None) is None

@@ -10,9 +10,9 @@ the most visited state (the "MAP" of the thesis). Step i uses the key fold_in(rn
 cut into segments, checkpointed and resumed gives the same numbers as one uninterrupted run.
 
 Chains are independent, so with several devices they are split among them (`shard_map`), each
-device running its share. XLA:CPU runs these kernels on one thread per device, so
-on a CPU the cores are used only if JAX was started with several CPU devices:
-`jax.config.update("jax_num_cpu_devices", n)` before any computation (the command line does this).
+device running its share; on a CPU that needs JAX started with several CPU devices
+(`jax.config.update("jax_num_cpu_devices", n)` before any computation), which importing
+cryojax_mw does (see `cryojax_mw._devices`).
 """
 
 from __future__ import annotations
