@@ -33,14 +33,24 @@ def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data"), config, 1, seed=2, progress=False)
 
 
-@pytest.mark.parametrize("method", ["components", "mean-shift"])
-def test_true_labels_localize_to_the_true_particles(dataset, tmp_path, capsys, method):
-    # Mean-shift's bandwidth is the largest class's radius (1bxn: 497 voxels, a 4.9-voxel ball);
-    # at 3 voxels it splits particles (F1 0.65), at 4 one of the 12 (0.96).
+@pytest.mark.parametrize(
+    ("method", "bandwidth"),
+    [
+        ("components", ["5"]),
+        ("mean-shift", ["5"]),
+        ("mean-shift", ["1bxn=5", "3qm1=2.5", "2cg9=4.5"]),
+    ],
+)
+def test_true_labels_localize_to_the_true_particles(dataset, tmp_path, capsys, method, bandwidth):
+    # One mean-shift bandwidth is the largest class's radius (1bxn: 497 voxels, a 4.9-voxel
+    # ball); at 3 voxels it splits particles (F1 0.65), at 4 one of the 12 (0.96). Per class,
+    # each class gets its own equivalent-ball radius (3qm1: about 53 voxels, 2.3; 2cg9: about
+    # 360 voxels, 4.4), and at 2.5 the small 3qm1 particles stay whole.
     out = tmp_path / "found.star"
+    radii = [a for r in bandwidth for a in ("--bandwidth", r)]
     code, stdout, err = run(
         ["localize", "--segmentation", dataset / "tomo_000_labels.mrc", "--out", out,
-         "--method", method, "--bandwidth", 5, "--classes", ",".join(CLASSES)],
+         "--method", method, *radii, "--classes", ",".join(CLASSES)],
         capsys,
     )  # fmt: skip
     assert code == 0, err
@@ -124,6 +134,10 @@ def test_localize_bad_input_is_one_error_line(dataset, tmp_path, capsys):
         (["--out", tmp_path / "p.star", "--classes", "ribosome"], "ribosome"),
         (["--out", tmp_path / "p.star", "--class-names", "a"], "only 1 class names"),
         (["--out", tmp_path / "p.star", "--min-size", "1bxn=x"], "NAME=N"),
+        (["--out", tmp_path / "p.star", "--bandwidth", "wide"], "R or NAME=R"),
+        (["--out", tmp_path / "p.star", "--bandwidth", "1bxn=5"], "missing 3qm1, 2cg9"),
+        (["--out", tmp_path / "p.star", "--bandwidth", "ribosome=5"], "'ribosome'"),
+        (["--out", tmp_path / "p.star", "--bandwidth", "0"], "positive"),
     ]
     for args, message in cases:
         code, _, err = run(["localize", "--segmentation", labels, *args], capsys)

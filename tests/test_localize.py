@@ -277,6 +277,33 @@ def test_size_limits_per_class_and_excluded_classes():
         cluster_mean_shift(labels, bandwidth=6.0, class_names=("a", "b"), voxel_size=1.0)
 
 
+def test_per_class_bandwidth_keeps_large_and_small_particles_whole():
+    """One radius suited to the small class cuts a large particle into several clusters; a
+    radius per class clusters each class with its own and finds one particle per ball."""
+    shape = (48, 48, 64)
+    labels = np.zeros(shape, np.int16)
+    big, small = [(16.5, 16.5, 16.5), (30.5, 30.5, 44.5)], [(12.5, 36.5, 44.5), (36.5, 12.5, 20.5)]
+    for c in big:
+        labels[_ball_voxels(shape, c, 9.0)] = 1
+    for c in small:
+        labels[_ball_voxels(shape, c, 2.5)] = 2
+    kwargs = {"class_names": ("big", "small"), "voxel_size": 1.0}
+    pooled = cluster_mean_shift(labels, bandwidth=3.0, **kwargs)
+    assert np.sum(pooled.particles.class_ids == 1) > len(big)
+    per_class = cluster_mean_shift(labels, bandwidth={"big": 9.0, "small": 3.0}, **kwargs)
+    p = per_class.particles
+    for k, centres in ((1, big), (2, small)):
+        got = p.positions[p.class_ids == k]
+        assert len(got) == len(centres)
+        np.testing.assert_allclose(got[np.argsort(got[:, 0])], sorted(centres), atol=1e-9)
+    with pytest.raises(ValueError, match="missing \\['small'\\]"):
+        cluster_mean_shift(labels, bandwidth={"big": 9.0}, **kwargs)
+    with pytest.raises(ValueError, match="positive"):
+        cluster_mean_shift(labels, bandwidth={"big": 9.0, "small": 0.0}, **kwargs)
+    with pytest.raises(ValueError, match="positive"):  # checked even when nothing is labelled
+        cluster_mean_shift(np.zeros_like(labels), bandwidth=-1.0, **kwargs)
+
+
 def test_connectivity_decides_whether_diagonal_voxels_join():
     labels = np.zeros((5, 5, 5), np.int16)
     labels[1, 1, 1] = labels[2, 2, 2] = 1

@@ -67,21 +67,30 @@ def _segmentation_input(path: Path, class_names: tuple[str, ...] | None):
     return labels, scores, names, voxel
 
 
-def _min_sizes(values: tuple[str, ...], classes) -> int | dict[str, int]:
-    """--min-size N (all classes) or NAME=N (repeated) -> what the clustering functions take."""
+def _per_class_option(values: tuple[str, ...], classes, option: str, kind: type, default):
+    """A repeatable option given as V (all classes) or NAME=V (one per class) -> one value or a
+    dict from class name to value, as the clustering functions take them."""
     if not values:
-        return 1
+        return default
+    word = "N" if kind is int else "R"
+
+    def parse(text: str, given: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise UsageError(f"{option} takes {word} or NAME={word}, got {given!r}") from None
+
     if len(values) == 1 and "=" not in values[0]:
-        return int(values[0])
-    sizes = {}
+        return parse(values[0], values[0])
+    per_class = {}
     for v in values:
         name, sep, number = v.partition("=")
-        if not sep or not number.strip().isdigit():
-            raise UsageError(f"--min-size takes N or NAME=N, got {v!r}")
+        if not sep:
+            raise UsageError(f"{option} takes {word} or NAME={word}, got {v!r}")
         if name not in classes:
-            raise UsageError(f"--min-size names {name!r}, not one of {', '.join(classes)}")
-        sizes[name] = int(number)
-    return sizes
+            raise UsageError(f"{option} names {name!r}, not one of {', '.join(classes)}")
+        per_class[name] = parse(number, v)
+    return per_class
 
 
 @cli.command("localize")
@@ -99,9 +108,11 @@ def _min_sizes(values: tuple[str, ...], classes) -> int | dict[str, int]:
     "class.",
 )  # fmt: skip
 @click.option(
-    "--bandwidth", type=float, default=5.0, show_default=True,
-    help="Mean-shift kernel radius in voxels; about the particles' radius. Larger particles "
-    "split into several clusters, smaller bandwidths merge neighbours less.",
+    "--bandwidth", multiple=True, metavar="R | NAME=R",
+    help="Mean-shift kernel radius in voxels, about the particles' radius [default: 5]. One R "
+    "clusters all classes together (as DeepFinder); particles much larger than R split into "
+    "several clusters. Repeat NAME=R for every picked class to cluster each class on its own "
+    "with its radius.",
 )  # fmt: skip
 @click.option(
     "--min-size", multiple=True, metavar="N | NAME=N",
@@ -125,6 +136,8 @@ def localize_cmd(seg_path, out_path, method, bandwidth, min_size, class_names, c
     \b
     Example:
       cryojax-mw localize --segmentation seg --out particles.star --bandwidth 6 --min-size 20
+      cryojax-mw localize --segmentation seg --out particles.star \\
+          --bandwidth 4cr2=7 --bandwidth 1s3x=3 --classes 4cr2,1s3x
     """
     if out_path.suffix.lower() not in (".star", ".csv"):
         raise UsageError(f"--out must end in .star or .csv, got {out_path.name}")
@@ -139,10 +152,15 @@ def localize_cmd(seg_path, out_path, method, bandwidth, min_size, class_names, c
         raise UsageError(f"--classes names {sorted(unknown)}, not among {', '.join(names)}")
     common = {
         "class_names": names, "voxel_size": voxel, "scores": scores, "classes": keep,
-        "min_cluster_size": _min_sizes(min_size, keep), "tomo_name": _tomo_name(seg_path),
+        "min_cluster_size": _per_class_option(min_size, keep, "--min-size", int, 1),
+        "tomo_name": _tomo_name(seg_path),
     }  # fmt: skip
+    radius = _per_class_option(bandwidth, keep, "--bandwidth", float, 5.0)
+    if isinstance(radius, dict) and set(radius) != set(keep):
+        missing = ", ".join(n for n in keep if n not in radius)
+        raise UsageError(f"--bandwidth NAME=R needs every picked class; missing {missing}")
     if method == "mean-shift":
-        found = localize.cluster_mean_shift(labels, bandwidth=bandwidth, **common)
+        found = localize.cluster_mean_shift(labels, bandwidth=radius, **common)
     else:
         found = localize.cluster_connected_components(labels, **common)
     write = io.write_particles_star if out_path.suffix.lower() == ".star" else io.write_particles_csv

@@ -333,7 +333,7 @@ def mean_shift(points, bandwidth: float):
 def cluster_mean_shift(
     label_map,
     *,
-    bandwidth: float,
+    bandwidth: float | Mapping[str, float],
     class_names: Sequence[str],
     voxel_size: float,
     min_cluster_size: int | Mapping[str, int] = 1,
@@ -344,15 +344,19 @@ def cluster_mean_shift(
 ) -> Detections:
     """Particles from a label map by mean-shift clustering (DeepFinder's clustering step).
 
-    All non-background voxels (classes pooled) are clustered by `mean_shift` with a flat kernel
-    of radius `bandwidth`; each cluster becomes one particle whose class is the most frequent
-    label among its voxels (ties: the lowest class id), whose position is the mean of its voxels'
-    coordinates and whose size is its number of voxels (all labels counted).
+    With one `bandwidth`, all non-background voxels (classes pooled) are clustered by
+    `mean_shift` with a flat kernel of that radius, as DeepFinder does; each cluster becomes one
+    particle whose class is the most frequent label among its voxels (ties: the lowest class id),
+    whose position is the mean of its voxels' coordinates and whose size is its number of voxels
+    (all labels counted). One radius for particles of very different sizes splits the large ones
+    into several clusters; a per-class `bandwidth` clusters each class's voxels on their own with
+    that class's radius instead (a particle whose voxels got mixed labels may then yield one
+    particle per label).
 
     Args:
         label_map: int (z, y, x), 0 = background, k = class_names[k - 1].
         bandwidth: kernel radius in voxels, about the particles' radius (DeepFinder's
-            `clustRadius`).
+            `clustRadius`), or a mapping from each clustered class's name to its radius.
         class_names: names of the labels 1..K.
         voxel_size: Angstrom per voxel, carried into the particle list.
         min_cluster_size: smallest cluster kept, in voxels: one number or a mapping from class
@@ -376,15 +380,31 @@ def cluster_mean_shift(
     min_size = _per_class(min_cluster_size, names, 1, "min_cluster_size")
     max_size = _per_class(max_cluster_size, names, None, "max_cluster_size")
     coords = np.argwhere(labels > 0)
-    if len(coords) == 0:
-        cluster, n_clusters = np.zeros(0, dtype=np.int64), 0
+    voxel_labels = labels[tuple(coords.T)].astype(np.int64)
+    cluster, n_clusters = np.zeros(len(coords), dtype=np.int64), 0
+    if isinstance(bandwidth, Mapping):
+        missing = [n for n in names if n not in bandwidth]
+        if missing:
+            raise ValueError(
+                f"a per-class bandwidth needs every clustered class; missing {missing} (classes "
+                f"{list(names)})"
+            )
+        radii = _per_class(bandwidth, names, None, "bandwidth")
+        groups = [(voxel_labels == k, radii[k]) for k in range(1, len(names) + 1)]
     else:
-        _, cluster = mean_shift(coords, bandwidth)
-        n_clusters = int(cluster.max()) + 1
+        groups = [(np.ones(len(coords), dtype=bool), bandwidth)]
+    for _, radius in groups:  # checked before any work, even for an empty label map
+        if not (np.isfinite(radius) and radius > 0):
+            raise ValueError(f"bandwidth must be a positive number of voxels, got {bandwidth!r}")
+    for members, radius in groups:
+        if members.any():
+            _, found = mean_shift(coords[members], radius)
+            cluster[members] = found + n_clusters
+            n_clusters += int(found.max()) + 1
     return _cluster_table(
         coords,
         cluster,
-        labels[tuple(coords.T)].astype(np.int64),
+        voxel_labels,
         n_clusters,
         class_names=names,
         channels=channels,
