@@ -135,7 +135,7 @@ def test_localize_bad_input_is_one_error_line(dataset, tmp_path, capsys):
         (["--out", tmp_path / "p.star", "--class-names", "a"], "only 1 class names"),
         (["--out", tmp_path / "p.star", "--min-size", "1bxn=x"], "NAME=N"),
         (["--out", tmp_path / "p.star", "--bandwidth", "wide"], "R or NAME=R"),
-        (["--out", tmp_path / "p.star", "--bandwidth", "1bxn=5"], "missing 3qm1, 2cg9"),
+        (["--out", tmp_path / "p.star", "--bandwidth", "1bxn=5"], "missing ['3qm1', '2cg9']"),
         (["--out", tmp_path / "p.star", "--bandwidth", "ribosome=5"], "'ribosome'"),
         (["--out", tmp_path / "p.star", "--bandwidth", "0"], "positive"),
     ]

@@ -156,9 +156,6 @@ def localize_cmd(seg_path, out_path, method, bandwidth, min_size, class_names, c
         "tomo_name": _tomo_name(seg_path),
     }  # fmt: skip
     radius = _per_class_option(bandwidth, keep, "--bandwidth", float, 5.0)
-    if isinstance(radius, dict) and set(radius) != set(keep):
-        missing = ", ".join(n for n in keep if n not in radius)
-        raise UsageError(f"--bandwidth NAME=R needs every picked class; missing {missing}")
     if method == "mean-shift":
         found = localize.cluster_mean_shift(labels, bandwidth=radius, **common)
     else:
