@@ -73,12 +73,11 @@ def dice_loss(
     Returns:
         Scalar loss in [0, 1]; 0 for a perfect prediction.
     """
-    probs, target = _soft_counts(logits, labels)
-    weights = _class_weights(class_weights, logits.shape[-1], probs.dtype)
-    overlap = jnp.sum(probs * target, axis=0)
-    size = jnp.sum(probs, axis=0) + jnp.sum(target, axis=0)
-    dice = (2 * overlap + 2 * eps) / (size + 2 * eps)
-    return 1 - _weighted_mean(dice, weights)
+    # The Tversky index at alpha = beta = 1/2: (TP + eps) / (TP + (FP + FN) / 2 + eps), and
+    # 2 TP + FP + FN = sum p + sum t, so it is exactly D_c above.
+    return tversky_loss(
+        logits, labels, alpha=0.5, beta=0.5, class_weights=class_weights, eps=eps
+    )
 
 
 def tversky_loss(
