@@ -33,7 +33,7 @@ from cryojax_mw.nn import (
     zscore_patches,
 )
 from cryojax_mw.nn._train import _gradients
-from cryojax_mw.nn._unet import _conv3d, _conv3d_forward, _UpConv3d
+from cryojax_mw.nn._unet import _conv3d, _UpConv3d, _winograd_matrices
 from cryojax_mw.simulate import SimulationConfig, write_dataset
 
 TINY = (4, 6)  # one pooling: the training tests compile fast
@@ -88,23 +88,31 @@ def test_unet_refuses_sizes_that_pooling_cannot_halve_and_wrong_layouts(tiny_mod
         DeepFinderUNet(1, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("m,r", [(2, 3), (4, 3), (4, 2), (6, 3), (4, 5)])
+def test_winograd_matrices_compute_a_correlation(m, r):
+    bt, g, at = _winograd_matrices(m, r)
+    d, kernel = RNG.normal(size=m + r - 1), RNG.normal(size=r)
+    want = [d[i : i + r] @ kernel for i in range(m)]
+    np.testing.assert_allclose(at @ ((g @ kernel) * (bt @ d)), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
-    "in_channels,kernel_size,padding",
-    [(2, 3, (1, 1)), (9, 3, (1, 1)), (9, 2, (0, 1)), (9, 1, (0, 0))],  # 2: the thin-input path
+    "depth,in_channels,kernel_size,padding",
+    # depths 4 and 8 fill whole Winograd tiles along z; 5 and 3 leave a partial one
+    [(4, 2, 3, (1, 1)), (5, 9, 3, (1, 1)), (8, 9, 2, (0, 1)), (3, 9, 2, (0, 1)), (4, 9, 1, (0, 0))],
 )
-def test_conv_rewrites_equal_lax_3d_convolution(in_channels, kernel_size, padding):
+def test_conv_equals_lax_3d_convolution(depth, in_channels, kernel_size, padding):
     with jax.enable_x64(True):
-        x = jnp.asarray(RNG.normal(size=(2, 4, 6, 8, in_channels)))
+        x = jnp.asarray(RNG.normal(size=(2, depth, 6, 8, in_channels)))
         w = jnp.asarray(RNG.normal(size=(kernel_size,) * 3 + (in_channels, 3)))
 
         @jax.jit
-        def three_ways(x, w):
+        def two_ways(x, w):
             want = lax.conv_general_dilated(x, w, (1, 1, 1), [padding] * 3, dimension_numbers=DN_3D)
-            return want, _conv3d(x, w, padding), _conv3d_forward(x, w, padding)
+            return want, _conv3d(x, w, padding)
 
-        want, *rewrites = three_ways(x, w)
-        for got in rewrites:
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        want, got = two_ways(x, w)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_upconv_equals_nearest_upsampling_then_same_2cube_convolution():
@@ -115,14 +123,13 @@ def test_upconv_equals_nearest_upsampling_then_same_2cube_convolution():
         x = jnp.asarray(RNG.normal(size=(2, 3, 4, 5, 5)))
 
         @nnx.jit
-        def three_ways(layer, x):
+        def two_ways(layer, x):
             up = jnp.repeat(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), 2, axis=3)
             want = lax.conv_general_dilated(up, kernel, (1, 1, 1), "SAME", dimension_numbers=DN_3D)
-            return want + layer.bias[...], layer(x, _conv3d), layer(x, _conv3d_forward)
+            return want + layer.bias[...], layer(x)
 
-        want, *rewrites = three_ways(layer, x)
-        for got in rewrites:
-            np.testing.assert_allclose(got, want, rtol=1e-12)
+        want, got = two_ways(layer, x)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_unet_has_the_published_deepfinder_layers():
