@@ -4,9 +4,9 @@ Three parts (`--parts`, default all three):
 
 - accuracy: a small simulated dataset (SNR 0.1, tilts -60..60 by 2 deg, 8 particle classes small
   to large). A reduced DeepFinder U-Net is trained on the training tomograms; the held-out
-  tomograms (other seeds) are segmented, clustered by mean-shift (bandwidth = the median
-  equivalent-sphere radius of the classes' templates) and scored with `evaluate_detections`
-  (match distance = that same radius). Template matching (masked NCC over a coarse rotation grid,
+  tomograms (other seeds) are segmented, clustered by mean-shift (each class on its own, bandwidth
+  = the equivalent-sphere radius of its template) and scored with `evaluate_detections` (match
+  distance = the median of those radii). Template matching (masked NCC over a coarse rotation grid,
   templates at the dataset's voxel size, missing wedge of the tilt range) runs on the same held-out
   tomograms. Every threshold (U-Net: smallest cluster per class; template matching: score per
   class) is chosen on the calibration tomogram, the training run's validation tomogram, to
@@ -15,8 +15,8 @@ Three parts (`--parts`, default all three):
   3 calls after a warm-up), and training steps at batch 25 x 56^3 with the default micro-batching
   (median of 3 steps after the first), each in a child process whose peak memory is its own.
 - whole: one 200 x 512 x 512 simulated tomogram segmented with the published network (sliding
-  windows, label map only) and clustered by mean-shift, in a child process: wall time and peak
-  memory.
+  windows, label map only) and clustered by mean-shift (a radius per class, as in accuracy), in a
+  child process: wall time and peak memory.
 
     python benchmarks/bench_segmentation.py                    # all parts, results/segmentation.json
     python benchmarks/bench_segmentation.py --parts accuracy   # results/segmentation_partial.json
@@ -55,7 +55,7 @@ ACCURACY = {
         "classes": ("3qm1", "1s3x", "3gl1", "3h84", "2cg9", "3d2f", "1bxn", "4cr2"),
         "shape": (64, 128, 128), "n_particles": 80, "n_train": 3, "n_test": 2,
         "train": {"widths": (16, 24, 32), "patch_size": 32, "batch_size": 8, "max_shift": 10,
-                  "steps": 400, "learning_rate": 1e-3, "validate_every": 100,
+                  "steps": 1000, "learning_rate": 1e-3, "validate_every": 100,
                   "validation_size": 16},
         "inference_patch": 64, "tm_angular_step_deg": 45.0, "tm_top_k": 50,
     },
@@ -90,7 +90,6 @@ WHOLE = {
     "quick": {"shape": (64, 128, 128), "n_particles": 60, "n_vesicles": 1, "n_gold": 2,
               "n_decoys": 10, "patch_size": 32, "batch_size": 2},
 }  # fmt: skip
-WHOLE_BANDWIDTH = 5.0  # voxels, DeepFinder's clustRadius for SHREC at 10 Å/voxel
 
 
 def log(msg: str) -> None:
@@ -228,7 +227,7 @@ def run_accuracy(case: str, workdir: Path) -> dict:
             n_classes=segmenter.n_classes, probabilities=None, progress=False,
         )  # fmt: skip
         return localize.cluster_mean_shift(
-            seg.label_map, bandwidth=radius, class_names=segmenter.class_names[1:],
+            seg.label_map, bandwidth=radii, class_names=segmenter.class_names[1:],
             voxel_size=voxel_size, scores=seg.max_probability, classes=classes,
             tomo_name=sim.particles.tomo_name,
         )  # fmt: skip
@@ -304,7 +303,7 @@ def run_accuracy(case: str, workdir: Path) -> dict:
                      "final_train_loss": history["loss"][-1],
                      "validation": history["validation"]},  # fmt: skip
         "settings": {
-            "class_radius_voxels": radii, "mean_shift_bandwidth_voxels": radius,
+            "class_radius_voxels": radii,
             "match_distance_voxels": radius, "inference_patch": spec["inference_patch"],
             "tm_rotations": len(grid), "tm_angular_step_deg": spec["tm_angular_step_deg"],
             "tm_wedge_deg": [TILT_MIN, TILT_MAX], "tm_top_k": spec["tm_top_k"],
@@ -409,17 +408,19 @@ def child_whole(case: str) -> dict:
     # clustering is timed on the simulator's label map of the particle classes, the map of a
     # perfect segmenter (same number of foreground voxels as a good network's).
     names = sim_config.label_names[1:]
+    radii = {t.name: equivalent_radius(t.n_mask_voxels) for t in sim_config.load_templates()}
     truth_map = np.where(sim.labels <= len(sim_config.classes), sim.labels, 0)
     tic = time.perf_counter()
     found = localize.cluster_mean_shift(
-        truth_map, bandwidth=WHOLE_BANDWIDTH, class_names=names,
+        truth_map, bandwidth=radii, class_names=names,
         voxel_size=sim_config.voxel_size, classes=sim_config.classes,
     )  # fmt: skip
     cluster_s = time.perf_counter() - tic
     return {"shape": list(spec["shape"]), "patch_size": spec["patch_size"], "crop": out.crop,
             "n_tiles": out.n_tiles, "simulate_s": simulate_s, "segment_s": segment_s,
             "cluster_s": cluster_s, "segment_and_cluster_s": segment_s + cluster_s,
-            "foreground_voxels": int((truth_map > 0).sum()), "n_true": len(sim.particles),
+            "bandwidth_voxels": radii, "foreground_voxels": int((truth_map > 0).sum()),
+            "n_true": len(sim.particles),
             "n_clusters": len(found.particles)}  # fmt: skip
 
 
@@ -472,8 +473,9 @@ def render(report: dict) -> str:
             f"{cfg['patch_size']}^3, batch {cfg['batch_size']}, {tr['steps']} Adam steps "
             f"(lr {cfg['learning_rate']:g}, cross-entropy) in {tr['wall_s']:.0f} s "
             f"({tr['median_step_s']:.2f} s/step); inference windows {st['inference_patch']}^3; "
-            f"mean-shift bandwidth = match distance = {st['mean_shift_bandwidth_voxels']:.2f} "
-            f"voxels (median equivalent-sphere radius of the class templates). Template matching: "
+            f"mean-shift on each class with its radius (the equivalent-sphere radius of its "
+            f"template, table below); match distance {st['match_distance_voxels']:.2f} voxels "
+            f"(the median radius). Template matching: "
             f"masked NCC, {st['tm_rotations']} rotations ({st['tm_angular_step_deg']:g} deg grid), "
             f"missing wedge {st['tm_wedge_deg'][0]:g}..{st['tm_wedge_deg'][1]:g} deg, templates "
             f"at {sim['voxel_size']} Å, peaks at least a class radius apart, at most "
@@ -545,7 +547,10 @@ def render(report: dict) -> str:
             f"\n**Whole tomogram** ({'x'.join(map(str, whole['shape']))}, simulated): published "
             f"network with He-initialised weights (the time does not depend on them), windows "
             f"{whole['patch_size']}^3 cropped by {whole['crop']}, label map only; mean-shift "
-            f"(bandwidth {WHOLE_BANDWIDTH:g}) timed on the simulator's label map of the particle "
+            f"(each class with its template's equivalent-sphere radius, "
+            f"{min(whole['bandwidth_voxels'].values()):.1f}-"
+            f"{max(whole['bandwidth_voxels'].values()):.1f} voxels) timed on the simulator's "
+            f"label map of the particle "
             f"classes ({whole['foreground_voxels']} foreground voxels), the map a perfect "
             f"segmenter would give, since an untrained network's map is arbitrary."
         )
