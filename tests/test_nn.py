@@ -2,6 +2,7 @@
 computations, targets against the simulator, class-balanced sampling and its augmentation, and
 training (overfitting, exact resume, pickle-free checkpoints that refuse corruption)."""
 
+import functools
 import json
 import math
 import shutil
@@ -106,13 +107,22 @@ def test_conv_equals_lax_3d_convolution(depth, in_channels, kernel_size, padding
         x = jnp.asarray(RNG.normal(size=(2, depth, 6, 8, in_channels)))
         w = jnp.asarray(RNG.normal(size=(kernel_size,) * 3 + (in_channels, 3)))
 
-        @jax.jit
-        def two_ways(x, w):
-            want = lax.conv_general_dilated(x, w, (1, 1, 1), [padding] * 3, dimension_numbers=DN_3D)
-            return want, _conv3d(x, w, padding)
+        cotangent = jnp.asarray(RNG.normal(size=(2, depth, 6, 8, 3)))
 
-        want, got = two_ways(x, w)
+        def lax_conv(x, w):
+            return lax.conv_general_dilated(x, w, (1, 1, 1), [padding] * 3, dimension_numbers=DN_3D)
+
+        @functools.partial(jax.jit, static_argnums=2)
+        def value_and_pullback(x, w, conv):
+            out, pullback = jax.vjp(conv, x, w)
+            return out, pullback(cotangent)
+
+        want, want_grads = value_and_pullback(x, w, lax_conv)
+        got, got_grads = value_and_pullback(x, w, lambda x, w: _conv3d(x, w, padding))
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        # training differentiates the Winograd form: its input and kernel gradients too
+        for g, ref in zip(got_grads, want_grads):
+            np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-11)
 
 
 def test_upconv_equals_nearest_upsampling_then_same_2cube_convolution():
