@@ -471,7 +471,7 @@ def render(report: dict) -> str:
             f"{len(sim['seeds']['test'])} held-out tomograms (seeds {sim['seeds']['test']}), "
             f"scores pooled over them). U-Net: widths {tuple(cfg['widths'])}, patch "
             f"{cfg['patch_size']}^3, batch {cfg['batch_size']}, {tr['steps']} Adam steps "
-            f"(lr {cfg['learning_rate']:g}, cross-entropy) in {tr['wall_s']:.0f} s "
+            f"(lr {cfg['learning_rate']:g}, loss {cfg['loss']}) in {tr['wall_s']:.0f} s "
             f"({tr['median_step_s']:.2f} s/step); inference windows {st['inference_patch']}^3; "
             f"mean-shift on each class with its radius (the equivalent-sphere radius of its "
             f"template, table below); match distance {st['match_distance_voxels']:.2f} voxels "
