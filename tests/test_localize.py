@@ -486,6 +486,42 @@ def _match(scores, angle_rows=1):
     )
 
 
+def test_standardized_scores_let_a_large_template_win_its_particle_from_a_small_one(rubisco):
+    # A small template correlates with noise more widely than a large one: on raw NCC its noise
+    # peaks take the large particle's voxels; as z-scores of each map the large template wins.
+    small = load_template("3qm1", 10.0)
+    volume = np.zeros((40, 40, 40), np.float32)
+    _place(volume, rubisco.density, (20, 20, 20))
+    sigma = 2 * rubisco.density[rubisco.mask > 0].std()
+    volume += np.random.default_rng(0).normal(0, sigma, volume.shape).astype(np.float32)
+    angles = rotation_grid(90.0)[:4]
+    raw = {
+        "3qm1": match_template(volume, small.density, small.mask, angles_deg=angles, progress=False),
+        "1bxn": match_template(volume, rubisco.density, rubisco.mask, angles_deg=angles, progress=False),
+    }  # fmt: skip
+    kwargs = {"voxel_size": 10.0, "min_distance": {"3qm1": 2.0, "1bxn": 5.0}, "top_k": 1,
+              "class_names": ("3qm1", "1bxn")}  # fmt: skip
+
+    def large_ones_near_the_particle(matches):
+        found = pick_peaks(matches, **kwargs)
+        large = found.particles.class_ids == 2
+        near = np.linalg.norm(found.particles.positions[large] - 20, axis=1) <= 2
+        return int(near.sum()), found.scores[large], found.scores[~large]
+
+    assert large_ones_near_the_particle(raw)[0] == 0
+    standard = {name: match.standardized() for name, match in raw.items()}
+    n_near, large_scores, small_scores = large_ones_near_the_particle(standard)
+    assert n_near == 1 and large_scores.min() > small_scores.max()
+    for name, match in standard.items():
+        assert abs(np.median(match.scores)) < 1e-5
+        assert np.median(np.abs(match.scores)) == pytest.approx(1 / 1.4826, rel=1e-4)
+        np.testing.assert_array_equal(match.rotation_index, raw[name].rotation_index)
+    blank = match_template(np.zeros((24, 24, 24), np.float32), small.density, angles_deg=angles,
+                           progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="no spread"):
+        blank.standardized()
+
+
 def test_peak_picking_suppresses_neighbours_and_lets_the_best_class_win():
     a = np.zeros((20, 20, 20))
     b = np.zeros((20, 20, 20))

@@ -95,6 +95,26 @@ class TemplateMatch:
     angles_deg: np.ndarray
     mask_voxels: int
 
+    def standardized(self) -> TemplateMatch:
+        """The same match with its scores as robust z-scores of the map: (s - median) / (1.4826 MAD).
+
+        Correlations of different templates are not on one scale: a small template's correlation
+        with noise spreads wider (about 1 / sqrt(mask voxels)), so its noise peaks outscore a large
+        template's true ones and win every competition for a voxel in `pick_peaks`. Most voxels of
+        a tomogram are background, so the median and the MAD measure each map's noise, and
+        standardised maps of different templates can compete. Raises ValueError for a map whose
+        MAD is 0 (a blank tomogram).
+        """
+        scores = np.asarray(self.scores)
+        centre = np.median(scores)
+        spread = 1.4826 * np.median(np.abs(scores - centre))
+        if not spread > 0:
+            raise ValueError(
+                "the score map has no spread (MAD 0): the tomogram is flat under the mask almost "
+                "everywhere, so there is no noise level to standardise by"
+            )
+        return dataclasses.replace(self, scores=((scores - centre) / spread).astype(scores.dtype))
+
 
 def _sphere(m: int, dtype) -> np.ndarray:
     r = np.arange(m) - (m - 1) / 2
@@ -271,7 +291,9 @@ def pick_peaks(
     """Particles from the score maps of one or more templates.
 
     1. Each voxel takes the class whose template scores highest there (ties: the first class in
-       `class_names`), so a voxel can be one class only.
+       `class_names`), so a voxel can be one class only. Raw correlations of templates of
+       different sizes are not comparable; with several classes, pass `TemplateMatch.standardized`
+       matches.
     2. Candidates are the voxels whose score is at least their class's threshold and the largest
        in the cube inscribed in a ball of radius min(d_k) (half-width max(1, floor(min(d_k) /
        sqrt(3)))): a separable filter, and a voxel it drops has a higher one within min(d_k).
