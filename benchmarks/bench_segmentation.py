@@ -176,7 +176,9 @@ def pooled_scores(evaluations, classes) -> dict:
     for kind in ("localization", "classification"):
         overall[kind] = scores_from_counts(*(int(sum(getattr(e, kind)[a] for e in evaluations))
                                              for a in ("tp", "fp", "fn")))  # fmt: skip
-    return {"per_class": per_class, **overall}
+    confusion = evaluations[0].to_json()["confusion"]
+    confusion["counts"] = sum(e.confusion for e in evaluations).tolist()
+    return {"per_class": per_class, **overall, "confusion": confusion}
 
 
 def run_accuracy(case: str, workdir: Path) -> dict:
