@@ -8,9 +8,10 @@ Three parts (`--parts`, default all three):
   = the equivalent-sphere radius of its template) and scored with `evaluate_detections` (match
   distance = the median of those radii). Template matching (masked NCC over a coarse rotation grid,
   templates at the dataset's voxel size, missing wedge of the tilt range, each class's map
-  standardised before the classes compete for voxels) runs on the same held-out tomograms. Every threshold (U-Net: smallest cluster per class; template matching: score per
-  class) is chosen on the calibration tomogram, the training run's validation tomogram, to
-  maximise that class's F1 there; the held-out tomograms are never used to choose anything.
+  standardised before the classes compete for voxels) runs on the same held-out tomograms. Every
+  threshold (U-Net: smallest cluster per class; template matching: score per class) is chosen on
+  the calibration tomogram, the training run's validation tomogram, to maximise that class's F1
+  there; the held-out tomograms are never used to choose anything.
 - speed: the published network (widths (32, 48, 64), 13 classes) on one 128^3 block (median of
   3 calls after a warm-up), and training steps at batch 25 x 56^3 with the default micro-batching
   (median of 3 steps after the first), each in a child process whose peak memory is its own.
@@ -49,7 +50,7 @@ from _common import (
 PARTS = ("accuracy", "speed", "whole")
 
 # Accuracy part. Eight classes from the smallest shipped SHREC'21 templates up to the proteasome;
-# sizes chosen so that the part runs in about 50 minutes on 2 shared CPU cores. Dice + cross-entropy
+# sizes chosen so that the part runs in about 45 minutes on 2 shared CPU cores. Dice + cross-entropy
 # was chosen over cross-entropy alone by validation Dice (1000-step runs: 2cg9 0.46 vs 0.36, 1bxn
 # 0.33 vs 0.18, the other classes equal).
 ACCURACY = {
