@@ -461,6 +461,32 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(straight_run, 
         train_segmenter(_config(learning_rate=1e-3), *data, tmp_path, progress=False)
 
 
+def test_cosine_schedule_starts_at_the_learning_rate_then_decays(straight_run, tmp_path):
+    out, constant = straight_run
+    data = ([_labelled(0), _labelled(1)], [_labelled(2)])
+    cosine = _config(learning_rate_schedule="cosine")
+    # Step 1 takes the full learning rate, as the constant run's first step (same batch).
+    first = train_segmenter(_config(steps=1), *data, tmp_path / "constant_1", progress=False)
+    first_cosine = train_segmenter(
+        _config(steps=1, learning_rate_schedule="cosine"), *data, tmp_path / "a", progress=False
+    )
+    for a, b in zip(_weights(first_cosine), _weights(first)):
+        np.testing.assert_array_equal(a, b)
+    # Later steps are smaller: after six steps the weights have moved less than at constant rate.
+    init = train_segmenter(_config(steps=1, learning_rate=1e-30), *data, tmp_path / "init",
+                           progress=False)  # fmt: skip
+    decayed = train_segmenter(cosine, *data, tmp_path / "b", progress=False)
+
+    def moved(run):
+        return sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(_weights(run), _weights(init)))
+
+    assert 0 < moved(decayed) < moved(constant)
+    # Its schedule depends on the number of steps: resuming with other steps would not be exact.
+    with pytest.raises(ValueError, match="other settings \\(steps\\)"):
+        train_segmenter(_config(steps=9, learning_rate_schedule="cosine"), *data, tmp_path / "b",
+                        progress=False)  # fmt: skip
+
+
 def test_same_seed_gives_the_same_weights_and_another_seed_others(tmp_path):
     data = ([_labelled(0)], [_labelled(2)])
     runs = [
@@ -519,6 +545,7 @@ def test_concurrent_micro_batches_divide_the_step():
         ({"patch_size": 17}, "multiple of 2"),
         ({"micro_batch_size": 3}, "divide batch_size"),
         ({"loss": "focal"}, "loss must be one of"),
+        ({"learning_rate_schedule": "step"}, "learning_rate_schedule must be one of"),
         ({"max_shift": 8}, "max_shift"),
         ({"validation_size": 5, "micro_batch_size": 2}, "validation_size 5 must be a multiple"),
     ],

@@ -256,6 +256,12 @@ def evaluate_cmd(predicted, truth, distance, matching, out_path, voxel_size, cla
 )  # fmt: skip
 @click.option("--learning-rate", type=float, default=1e-4, show_default=True, help="Adam step.")
 @click.option(
+    "--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+    show_default=True,
+    help="cosine: the step falls from --learning-rate to 0 at --steps (a resumed run must keep "
+    "the same --steps).",
+)  # fmt: skip
+@click.option(
     "--loss", type=click.Choice(["ce", "dice", "dice+ce", "tversky"]), default="ce",
     show_default=True, help="Cross-entropy (as published), Dice, both, or Tversky.",
 )  # fmt: skip
@@ -272,8 +278,8 @@ def evaluate_cmd(predicted, truth, distance, matching, out_path, voxel_size, cla
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same model.")
 def train_segmenter_cmd(datasets, out_dir, steps, batch_size, micro_batch_size,
-                        concurrent_micro_batches, patch_size, learning_rate, loss, widths,
-                        val_fraction, validate_every, seed):  # fmt: skip
+                        concurrent_micro_batches, patch_size, learning_rate, lr_schedule, loss,
+                        widths, val_fraction, validate_every, seed):  # fmt: skip
     """Train the DeepFinder 3D U-Net to label every voxel of a tomogram.
 
     Batches hold patches centred near particles, classes drawn in turn (rare classes are seen as
@@ -307,7 +313,8 @@ def train_segmenter_cmd(datasets, out_dir, steps, batch_size, micro_batch_size,
     config = nn.TrainConfig(
         patch_size=patch_size, batch_size=batch_size, micro_batch_size=micro_batch_size,
         concurrent_micro_batches=concurrent_micro_batches, steps=steps,
-        learning_rate=learning_rate, loss=loss, widths=width_list, validate_every=validate_every,
+        learning_rate=learning_rate, learning_rate_schedule=lr_schedule, loss=loss,
+        widths=width_list, validate_every=validate_every,
         # About 24 validation patches, a whole number of micro-batches.
         validation_size=micro_batch_size * max(1, 24 // micro_batch_size),
         max_shift=min(13, (patch_size - 1) // 2), seed=seed,

@@ -52,6 +52,7 @@ from ._losses import cross_entropy_loss, dice_loss, tversky_loss
 from ._patches import PatchSampler
 
 LOSSES = ("ce", "dice", "dice+ce", "tversky")
+SCHEDULES = ("constant", "cosine")
 # Settings that may change when a run is resumed: they do not alter the weights' trajectory.
 _RESUMABLE_CHANGES = ("steps", "validate_every", "checkpoint_every")
 
@@ -70,7 +71,10 @@ class TrainConfig:
             graphs in one compiled call (XLA runs them on different cores): the largest divisor
             of batch_size / micro_batch_size not above it. Memory grows with it.
         steps: Adam steps in total.
-        learning_rate: Adam step size.
+        learning_rate: Adam step size (the first step's, with a schedule).
+        learning_rate_schedule: "constant", or "cosine": half a cosine from learning_rate down
+            to 0 at `steps`, so that the last steps settle instead of swinging around a minimum.
+            A cosine run's schedule depends on `steps`: it resumes only with the same steps.
         loss: "ce" (cross-entropy, as published), "dice", "dice+ce" (their sum) or "tversky".
         class_weights: one weight per class (background first) for the loss; None = equal.
         label_smoothing: cross-entropy label smoothing in [0, 1).
@@ -95,6 +99,7 @@ class TrainConfig:
     concurrent_micro_batches: int = 4
     steps: int = 1000
     learning_rate: float = 1e-4
+    learning_rate_schedule: str = "constant"
     loss: str = "ce"
     class_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
@@ -142,6 +147,11 @@ class TrainConfig:
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.learning_rate_schedule not in SCHEDULES:
+            raise ValueError(
+                f"learning_rate_schedule must be one of {', '.join(SCHEDULES)}, got "
+                f"{self.learning_rate_schedule!r}"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.label_smoothing < 1:
@@ -323,8 +333,8 @@ def train_segmenter(
             `label_names`); default "background", the particle classes, then "label_k".
         progress: show a progress bar with the loss and the last validation scores.
         resume: continue from the folder's checkpoint if there is one (its settings must equal
-            `config` except steps, validate_every and checkpoint_every); False starts afresh and
-            overwrites it.
+            `config` except steps (constant learning rate only), validate_every and
+            checkpoint_every); False starts afresh and overwrites it.
 
     Returns:
         The trained `Segmenter` (also saved in `out_dir`).
@@ -348,16 +358,20 @@ def train_segmenter(
     }  # fmt: skip
     key_init, key_batches, key_val = jax.random.split(jax.random.key(config.seed), 3)
     model = build_model(architecture, key_init)
-    optimizer = nnx.Optimizer(
-        model, optax.adam(config.learning_rate, b1=0.9, b2=0.999), wrt=nnx.Param
-    )
+    rate = config.learning_rate
+    if config.learning_rate_schedule == "cosine":
+        rate = optax.cosine_decay_schedule(config.learning_rate, config.steps)
+    optimizer = nnx.Optimizer(model, optax.adam(rate, b1=0.9, b2=0.999), wrt=nnx.Param)
     history = _new_history()
     start = 0
     if resume and (out / CHECKPOINT_FILE).exists():
         folder, record = read_checkpoint(out)
         saved = TrainConfig.from_json(record["config"]).to_json()
+        resumable = set(_RESUMABLE_CHANGES)
+        if config.learning_rate_schedule != "constant":
+            resumable.discard("steps")  # the schedule already taken depends on them
         changed = sorted(k for k, v in config.to_json().items()
-                         if saved[k] != v and k not in _RESUMABLE_CHANGES)  # fmt: skip
+                         if saved[k] != v and k not in resumable)  # fmt: skip
         if changed or tuple(record["class_names"]) != names:
             raise ValueError(
                 f"{out} holds a run with other settings ({', '.join(changed) or 'class names'}); "
