@@ -462,7 +462,7 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(straight_run, 
 
 
 def test_cosine_schedule_starts_at_the_learning_rate_then_decays(straight_run, tmp_path):
-    out, constant = straight_run
+    _, constant = straight_run
     data = ([_labelled(0), _labelled(1)], [_labelled(2)])
     cosine = _config(learning_rate_schedule="cosine")
     # Step 1 takes the full learning rate, as the constant run's first step (same batch).
