@@ -11,7 +11,10 @@ Three parts (`--parts`, default all three):
   standardised before the classes compete for voxels) runs on the same held-out tomograms. Every
   threshold (U-Net: smallest cluster per class; template matching: score per class) is chosen on
   the calibration tomogram, the training run's validation tomogram, to maximise that class's F1
-  there; the held-out tomograms are never used to choose anything.
+  there (the per-class table); a second set, chosen there for the best overall localization F1,
+  gives the overall localization score. The held-out tomograms are never used to choose anything.
+  The per-class mean-shift clusters are merged when a centre lies within half a larger cluster's
+  class radius (one particle with mixed labels is one detection).
 - speed: the published network (widths (32, 48, 64), 13 classes) on one 128^3 block (median of
   3 calls after a warm-up), and training steps at batch 25 x 56^3 with the default micro-batching
   (median of 3 steps after the first), each in a child process whose peak memory is its own.
@@ -58,7 +61,8 @@ ACCURACY = {
         "classes": ("3qm1", "1s3x", "3gl1", "3h84", "2cg9", "3d2f", "1bxn", "4cr2"),
         "shape": (64, 128, 128), "n_particles": 80, "n_train": 10, "n_test": 2,
         "train": {"widths": (16, 24, 32), "patch_size": 32, "batch_size": 8, "max_shift": 10,
-                  "steps": 3000, "learning_rate": 1e-3, "loss": "dice+ce", "validate_every": 250,
+                  "steps": 3000, "learning_rate": 1e-3, "learning_rate_schedule": "cosine",
+                  "loss": "dice+ce", "validate_every": 250,
                   "validation_size": 16},
         "inference_patch": 64, "tm_angular_step_deg": 45.0, "tm_top_k": 50,
     },
@@ -160,6 +164,31 @@ def calibrate_thresholds(detections, values, truth, max_distance: float) -> dict
     return out
 
 
+def calibrate_localization_thresholds(
+    detections, values, truth, max_distance: float, start: dict
+) -> dict:
+    """Per-class thresholds on `values` that maximise the overall localization F1 (class
+    ignored) on this tomogram: from `start`, each class's threshold in turn is set to its best
+    value (candidates: the class's values, or keeping none) with the others fixed; two sweeps."""
+    import numpy as np
+
+    from cryojax_mw import localize
+
+    thresholds = dict(start)
+    ids = detections.particles.class_ids
+    for _ in range(2):
+        for k, name in enumerate(detections.particles.class_names, start=1):
+            best = (-1.0, thresholds[name])
+            for t in np.unique(np.append(values[ids == k], np.inf)):
+                pred = apply_thresholds(detections, values, {**thresholds, name: float(t)})
+                f1 = localize.evaluate_detections(pred, truth, max_distance=max_distance)
+                f1 = float(np.nan_to_num(f1.localization["f1"]))
+                if f1 > best[0]:
+                    best = (f1, float(t))
+            thresholds[name] = best[1]
+    return thresholds
+
+
 def scores_from_counts(tp: int, fp: int, fn: int) -> dict:
     precision = tp / (tp + fp) if tp + fp else math.nan
     recall = tp / (tp + fn) if tp + fn else math.nan
@@ -258,47 +287,64 @@ def run_accuracy(case: str, workdir: Path) -> dict:
     tic = time.perf_counter()
     unet_calib = unet_detections(calib)
     unet_thresholds = calibrate_thresholds(unet_calib, unet_calib.sizes, calib.particles, radius)
+    unet_loc_thresholds = calibrate_localization_thresholds(
+        unet_calib, unet_calib.sizes, calib.particles, radius,
+        {n: v["threshold"] for n, v in unet_thresholds.items()},
+    )  # fmt: skip
     timings["unet_calibration_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     tm_calib = tm_detections(calib)
     tm_thresholds = calibrate_thresholds(tm_calib, tm_calib.scores, calib.particles, radius)
+    tm_loc_thresholds = calibrate_localization_thresholds(
+        tm_calib, tm_calib.scores, calib.particles, radius,
+        {n: v["threshold"] for n, v in tm_thresholds.items()},
+    )  # fmt: skip
     timings["tm_calibration_s"] = time.perf_counter() - tic
     log(f"calibrated on {calib.particles.tomo_name}: U-Net {timings['unet_calibration_s']:.0f} s, "
         f"TM {timings['tm_calibration_s']:.0f} s")  # fmt: skip
 
+    # Two operating points, each chosen on the calibration tomogram for the score it reports:
+    # per-class F1 (the per-class table) and overall localization F1.
     evaluations = {"unet": [], "template_matching": []}
+    localization_evaluations = {"unet": [], "template_matching": []}
     per_tomogram = []
     timings["unet_test_s"] = timings["tm_test_s"] = 0.0
     for sim in sims["test"]:
         tic = time.perf_counter()
-        found = unet_detections(sim)
-        unet_pred = apply_thresholds(
-            found, found.sizes, {n: v["threshold"] for n, v in unet_thresholds.items()}
-        )
+        unet_found = unet_detections(sim)
         timings["unet_test_s"] += time.perf_counter() - tic
         tic = time.perf_counter()
-        found = tm_detections(sim)
-        tm_pred = apply_thresholds(
-            found, found.scores, {n: v["threshold"] for n, v in tm_thresholds.items()}
-        )
+        tm_found = tm_detections(sim)
         timings["tm_test_s"] += time.perf_counter() - tic
         row = {"tomogram": sim.particles.tomo_name, "n_true": len(sim.particles)}
-        for method, pred in (("unet", unet_pred), ("template_matching", tm_pred)):
+        for method, found, values, per_class, loc in (
+            ("unet", unet_found, unet_found.sizes, unet_thresholds, unet_loc_thresholds),
+            ("template_matching", tm_found, tm_found.scores, tm_thresholds, tm_loc_thresholds),
+        ):
+            pred = apply_thresholds(
+                found, values, {n: v["threshold"] for n, v in per_class.items()}
+            )
             ev = localize.evaluate_detections(pred, sim.particles, max_distance=radius)
             evaluations[method].append(ev)
+            loc_pred = apply_thresholds(found, values, loc)
+            loc_ev = localize.evaluate_detections(loc_pred, sim.particles, max_distance=radius)
+            localization_evaluations[method].append(loc_ev)
             row[method] = {"n_predicted": len(pred), "localization_f1": ev.localization["f1"],
                            "classification_f1": ev.classification["f1"],
-                           "mean_distance_voxels": ev.mean_distance}  # fmt: skip
+                           "mean_distance_voxels": ev.mean_distance,
+                           "localization_point_f1": loc_ev.localization["f1"]}  # fmt: skip
         per_tomogram.append(row)
         log(f"scored {row['tomogram']}: U-Net loc. F1 {row['unet']['localization_f1']:.3f}, "
             f"TM {row['template_matching']['localization_f1']:.3f}")  # fmt: skip
 
     results = {m: pooled_scores(evs, classes) for m, evs in evaluations.items()}
+    for m, evs in localization_evaluations.items():
+        results[m]["localization_operating_point"] = pooled_scores(evs, classes)["localization"]
     unet_f1 = [results["unet"]["per_class"][n]["f1"] for n in classes]
     tm_f1 = [results["template_matching"]["per_class"][n]["f1"] for n in classes]
     ahead = [n for n, u, t in zip(classes, unet_f1, tm_f1)
              if (0.0 if math.isnan(u) else u) > (0.0 if math.isnan(t) else t)]  # fmt: skip
-    loc_f1 = results["unet"]["localization"]["f1"]
+    loc_f1 = results["unet"]["localization_operating_point"]["f1"]
     return {
         "case": case,
         "simulation": {**sim_config.to_json(), "seeds": seeds,
@@ -316,6 +362,8 @@ def run_accuracy(case: str, workdir: Path) -> dict:
             "tm_wedge_deg": [TILT_MIN, TILT_MAX], "tm_top_k": spec["tm_top_k"],
             "calibration_tomogram": calib.particles.tomo_name,
             "unet_min_cluster_size": unet_thresholds, "tm_score_threshold": tm_thresholds,
+            "localization_point": {"unet_min_cluster_size": unet_loc_thresholds,
+                                   "tm_score_threshold": tm_loc_thresholds},
         },
         "timings_s": timings,
         "results": results,
@@ -488,7 +536,9 @@ def render(report: dict) -> str:
             f"at {sim['voxel_size']} Å, peaks at least a class radius apart, at most "
             f"{st['tm_top_k']} per class. Thresholds (U-Net smallest cluster, TM score) chosen "
             f"per class for the best F1 on the calibration tomogram only; 'none kept': the "
-            f"method found no particle of that class there, so it keeps none."
+            f"method found no particle of that class there, so it keeps none. The last row "
+            f"uses a second set of thresholds, chosen on the same calibration tomogram for the "
+            f"best overall localization F1 (class ignored)."
         )
         rows = []
         for name in sim["classes"]:
@@ -504,6 +554,11 @@ def render(report: dict) -> str:
             rows.append([f"**all ({kind})**", None, u["tp"] + u["fn"], _f(u["precision"]),
                          _f(u["recall"]), _f(u["f1"]), None, _f(t["precision"]),
                          _f(t["recall"]), _f(t["f1"]), None])  # fmt: skip
+        u = acc["results"]["unet"]["localization_operating_point"]
+        t = acc["results"]["template_matching"]["localization_operating_point"]
+        rows.append(["**all (localization, thresholds for it)**", None, u["tp"] + u["fn"],
+                     _f(u["precision"]), _f(u["recall"]), _f(u["f1"]), None,
+                     _f(t["precision"]), _f(t["recall"]), _f(t["f1"]), None])  # fmt: skip
         lines.append("\n" + markdown_table(
             ["class", "radius (vox)", "true", "U-Net P", "U-Net R", "U-Net F1",
              "min cluster", "TM P", "TM R", "TM F1", "TM threshold"], rows))  # fmt: skip
@@ -513,7 +568,8 @@ def render(report: dict) -> str:
                         f"{len(ahead['classes_ahead'])} of {ahead['n_classes']} classes",
                         "all", _status(ahead["pass"])])  # fmt: skip
         loc = tg["unet_localization_f1"]
-        targets.append(["U-Net overall localization F1 (held-out)", _f(loc["measured"]), "0.85",
+        targets.append(["U-Net overall localization F1 (held-out, thresholds chosen for it)",
+                        _f(loc["measured"]), "0.85",
                         _status(loc["pass"])])  # fmt: skip
     speed = report.get("speed")
     if speed:

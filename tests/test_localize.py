@@ -304,6 +304,32 @@ def test_per_class_bandwidth_keeps_large_and_small_particles_whole():
         cluster_mean_shift(np.zeros_like(labels), bandwidth=-1.0, **kwargs)
 
 
+def test_per_class_clusters_of_one_particle_merge_into_one_of_its_majority_class():
+    """A large particle with a patch of voxels labelled as the small class gives a small cluster
+    near its centre: merged, it is one particle of the large class at its centroid; a small
+    particle beyond the large one's radius stays on its own."""
+    shape = (40, 40, 48)
+    labels = np.zeros(shape, np.int16)
+    ball = _ball_voxels(shape, (19.5, 19.5, 19.5), 8.0)
+    labels[ball] = 1
+    labels[_ball_voxels(shape, (19.5, 19.5, 22.0), 3.0)] = 2  # 2.5 voxels off centre
+    labels[_ball_voxels(shape, (19.5, 19.5, 37.5), 2.5)] = 2
+    kwargs = {"bandwidth": {"big": 8.0, "small": 3.0}, "class_names": ("big", "small"),
+              "voxel_size": 1.0}  # fmt: skip
+    apart = cluster_mean_shift(labels, merge=False, **kwargs)
+    assert len(apart) == 3 and np.sum(apart.particles.class_ids == 2) == 2
+    merged = cluster_mean_shift(labels, **kwargs)
+    p = merged.particles
+    assert len(merged) == 2 and list(p.class_ids) == [1, 2]
+    np.testing.assert_allclose(p.positions[0], (19.5, 19.5, 19.5), atol=1e-9)
+    np.testing.assert_allclose(p.positions[1], (19.5, 19.5, 37.5), atol=1e-9)
+    assert merged.sizes[0] == ball.sum()  # every label of the particle counted
+    # With a pooled bandwidth there is nothing to merge: the option changes nothing.
+    pooled = [cluster_mean_shift(labels, bandwidth=8.0, class_names=("big", "small"),
+                                 voxel_size=1.0, merge=m) for m in (True, False)]  # fmt: skip
+    np.testing.assert_array_equal(pooled[0].particles.positions, pooled[1].particles.positions)
+
+
 def test_connectivity_decides_whether_diagonal_voxels_join():
     labels = np.zeros((5, 5, 5), np.int16)
     labels[1, 1, 1] = labels[2, 2, 2] = 1

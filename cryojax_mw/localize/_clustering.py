@@ -330,12 +330,38 @@ def mean_shift(points, bandwidth: float):
     return centres + low - pad, assignment.astype(np.int64)
 
 
+def _merge_nearby(coords, cluster, labels, n_clusters, radii):
+    """Clusters (ids `cluster` of the points `coords` with class `labels`) merged into larger ones
+    whose centre lies within half the radius of their class (`radii`, by class id): the largest
+    cluster takes every smaller one around it first. Two particles that do not overlap have
+    centres at least the sum of their radii apart, so half a radius joins only pieces of one
+    particle (a full radius also swallowed small neighbours: on simulated tomograms recall fell
+    from 0.81 to 0.61). Returns the new ids and their number."""
+    sizes = np.bincount(cluster, minlength=n_clusters)
+    centres = np.stack(
+        [np.bincount(cluster, weights=coords[:, a], minlength=n_clusters) for a in range(3)], 1
+    ) / np.maximum(sizes, 1)[:, None]
+    votes = np.zeros((n_clusters, len(radii)), dtype=np.int64)
+    np.add.at(votes, (cluster, labels), 1)
+    votes[:, 0] = -1
+    winner = np.argmax(votes, axis=1)
+    tree = scipy.spatial.cKDTree(centres)
+    owner = np.full(n_clusters, -1, dtype=np.int64)
+    for i in np.lexsort((np.arange(n_clusters), -sizes)):  # largest first; ties by id
+        if owner[i] < 0:
+            near = np.asarray(tree.query_ball_point(centres[i], radii[winner[i]] / 2), dtype=np.int64)
+            owner[near[owner[near] < 0]] = i
+    merged, new_ids = np.unique(owner[cluster], return_inverse=True)
+    return new_ids.reshape(-1), len(merged)
+
+
 def cluster_mean_shift(
     label_map,
     *,
     bandwidth: float | Mapping[str, float],
     class_names: Sequence[str],
     voxel_size: float,
+    merge: bool = True,
     min_cluster_size: int | Mapping[str, int] = 1,
     max_cluster_size: int | Mapping[str, int] | None = None,
     scores=None,
@@ -350,8 +376,9 @@ def cluster_mean_shift(
     whose position is the mean of its voxels' coordinates and whose size is its number of voxels
     (all labels counted). One radius for particles of very different sizes splits the large ones
     into several clusters; a per-class `bandwidth` clusters each class's voxels on their own with
-    that class's radius instead (a particle whose voxels got mixed labels may then yield one
-    particle per label).
+    that class's radius instead, then (`merge`) joins each cluster to a larger one whose centre
+    lies within half the larger one's class radius, so that a particle whose voxels got mixed labels
+    is still one particle, of its majority class.
 
     Args:
         label_map: int (z, y, x), 0 = background, k = class_names[k - 1].
@@ -359,9 +386,11 @@ def cluster_mean_shift(
             `clustRadius`), or a mapping from each clustered class's name to its radius.
         class_names: names of the labels 1..K.
         voxel_size: Angstrom per voxel, carried into the particle list.
-        min_cluster_size: smallest cluster kept, in voxels: one number or a mapping from class
-            name (of the clustered classes) to number (classes left out: 1). Smaller clusters are false positives in the
-            thesis's analysis.
+        merge: with a per-class bandwidth, merge clusters whose centres lie within half a larger
+            cluster's class radius (False: one particle per class cluster).
+        min_cluster_size: smallest cluster kept, in voxels (after merging): one number or a
+            mapping from class name (of the clustered classes) to number (classes left out: 1).
+            Smaller clusters are false positives in the thesis's analysis.
         max_cluster_size: largest cluster kept, same forms (None: no limit).
         scores: optional per-voxel confidence, (z, y, x) (e.g. `Segmentation.max_probability`:
             score = its mean over the cluster) or (z, y, x, K + 1) class probabilities over all
@@ -401,6 +430,8 @@ def cluster_mean_shift(
             _, found = mean_shift(coords[members], radius)
             cluster[members] = found + n_clusters
             n_clusters += int(found.max()) + 1
+    if merge and len(groups) > 1 and n_clusters > 1:
+        cluster, n_clusters = _merge_nearby(coords, cluster, voxel_labels, n_clusters, radii)
     return _cluster_table(
         coords,
         cluster,
