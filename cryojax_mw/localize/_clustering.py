@@ -5,6 +5,8 @@ Two ways to group labelled voxels into objects:
   voxels, classes pooled (DeepFinder's clustering step); the bandwidth is about the particle radius.
   Each cluster takes its most frequent class, so a particle whose voxels got mixed labels is still
   one particle.
+  With a bandwidth per class, each class is clustered on its own and clusters within half a
+  larger one's radius are merged into it, which keeps that property.
 - `cluster_connected_components`: 3D connected components of each class separately.
 
 Both give each cluster its size (voxels), its centroid (the mean of its voxels' coordinates, so
