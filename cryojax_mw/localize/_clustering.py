@@ -121,6 +121,23 @@ def _check_label_map(label_map, class_names, classes):
     return relabel[labels], classes, channels
 
 
+def _summary(coords, cluster, labels, n_clusters, n_labels):
+    """Size, majority class (ties: the lowest id; never background) and centroid of each
+    cluster."""
+    sizes = np.bincount(cluster, minlength=n_clusters)
+    votes = np.bincount(cluster * n_labels + labels, minlength=n_clusters * n_labels)
+    votes = votes.reshape(n_clusters, n_labels)
+    votes[:, 0] = -1  # members are foreground voxels; background never wins
+    winner = np.argmax(votes, axis=1)
+    centroids = (
+        np.stack(
+            [np.bincount(cluster, weights=coords[:, a], minlength=n_clusters) for a in range(3)], 1
+        )
+        / np.maximum(sizes, 1)[:, None]
+    )
+    return sizes, winner, centroids
+
+
 def _cluster_table(
     coords: np.ndarray,
     cluster: np.ndarray,
@@ -137,18 +154,7 @@ def _cluster_table(
 ) -> Detections:
     """Size, majority class, centroid and score of each cluster; clusters outside the size range
     of their class dropped; ordered by class, then by decreasing score."""
-    n_labels = len(class_names) + 1
-    sizes = np.bincount(cluster, minlength=n_clusters)
-    votes = np.bincount(cluster * n_labels + labels, minlength=n_clusters * n_labels)
-    votes = votes.reshape(n_clusters, n_labels)
-    votes[:, 0] = -1  # members are foreground voxels; background never wins
-    winner = np.argmax(votes, axis=1)  # ties go to the lowest class id
-    centroids = (
-        np.stack(
-            [np.bincount(cluster, weights=coords[:, a], minlength=n_clusters) for a in range(3)], 1
-        )
-        / np.maximum(sizes, 1)[:, None]
-    )
+    sizes, winner, centroids = _summary(coords, cluster, labels, n_clusters, len(class_names) + 1)
     if scores is None:
         score = sizes.astype(np.float64)
     else:
@@ -339,19 +345,13 @@ def _merge_nearby(coords, cluster, labels, n_clusters, radii):
     centres at least the sum of their radii apart, so half a radius joins only pieces of one
     particle (a full radius also swallowed small neighbours: on simulated tomograms recall fell
     from 0.81 to 0.61). Returns the new ids and their number."""
-    sizes = np.bincount(cluster, minlength=n_clusters)
-    centres = np.stack(
-        [np.bincount(cluster, weights=coords[:, a], minlength=n_clusters) for a in range(3)], 1
-    ) / np.maximum(sizes, 1)[:, None]
-    votes = np.zeros((n_clusters, len(radii)), dtype=np.int64)
-    np.add.at(votes, (cluster, labels), 1)
-    votes[:, 0] = -1
-    winner = np.argmax(votes, axis=1)
+    sizes, winner, centres = _summary(coords, cluster, labels, n_clusters, len(radii))
     tree = scipy.spatial.cKDTree(centres)
     owner = np.full(n_clusters, -1, dtype=np.int64)
     for i in np.lexsort((np.arange(n_clusters), -sizes)):  # largest first; ties by id
         if owner[i] < 0:
-            near = np.asarray(tree.query_ball_point(centres[i], radii[winner[i]] / 2), dtype=np.int64)
+            near = tree.query_ball_point(centres[i], radii[winner[i]] / 2)
+            near = np.asarray(near, dtype=np.int64)
             owner[near[owner[near] < 0]] = i
     merged, new_ids = np.unique(owner[cluster], return_inverse=True)
     return new_ids.reshape(-1), len(merged)
