@@ -225,13 +225,13 @@ def test_train_segment_localize_evaluate_chain_and_its_bad_input(dataset, tmp_pa
     code, out, err = run(
         ["train-segmenter", "--dataset", dataset, "--out", model, "--steps", 2,
          "--batch-size", 2, "--patch-size", 16, "--widths", "4,6,8", "--validate-every", 1,
-         "--lr-schedule", "cosine"],
+         "--lr-schedule", "constant-then-decay"],
         capsys,
     )  # fmt: skip
     assert code == 0, err
     assert "trained 2 steps" in out and (model / "history.png").exists()
     saved = json.loads((model / "checkpoint.json").read_text())["config"]
-    assert saved["learning_rate_schedule"] == "cosine"
+    assert saved["learning_rate_schedule"] == "constant-then-decay"
     seg = tmp_path / "seg"
     tomogram = dataset / "tomo_000_tomogram.mrc"
     code, _, err = run(["segment", "--model", model, "--tomogram", tomogram, "--out", seg], capsys)

@@ -24,6 +24,7 @@ from cryojax_mw.nn import (
     cross_entropy_loss,
     dice_loss,
     flip_tilt_axis,
+    learning_rate_schedule,
     load_dataset,
     load_segmenter,
     shape_targets,
@@ -485,6 +486,19 @@ def test_cosine_schedule_starts_at_the_learning_rate_then_decays(straight_run, t
     with pytest.raises(ValueError, match="other settings \\(steps\\)"):
         train_segmenter(_config(steps=9, learning_rate_schedule="cosine"), *data, tmp_path / "b",
                         progress=False)  # fmt: skip
+
+
+def test_constant_then_decay_keeps_the_rate_for_80_percent_then_falls_in_a_line_to_0():
+    rate = learning_rate_schedule(
+        _config(steps=100, learning_rate=2e-3, learning_rate_schedule="constant-then-decay")
+    )
+    rates = np.array([float(rate(step)) for step in range(101)])
+    np.testing.assert_allclose(rates[:81], 2e-3, rtol=1e-6)
+    np.testing.assert_allclose(rates[80:], 2e-3 * (1 - np.arange(21) / 20), rtol=1e-5, atol=1e-12)
+    # The other schedules, for comparison: a number, and a cosine from the rate to 0.
+    assert learning_rate_schedule(_config(learning_rate=2e-3)) == 2e-3
+    cosine = learning_rate_schedule(_config(steps=100, learning_rate_schedule="cosine"))
+    assert float(cosine(0)) == pytest.approx(3e-3) and float(cosine(100)) == pytest.approx(0)
 
 
 def test_same_seed_gives_the_same_weights_and_another_seed_others(tmp_path):

@@ -256,10 +256,11 @@ def evaluate_cmd(predicted, truth, distance, matching, out_path, voxel_size, cla
 )  # fmt: skip
 @click.option("--learning-rate", type=float, default=1e-4, show_default=True, help="Adam step.")
 @click.option(
-    "--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
-    show_default=True,
-    help="cosine: the step falls from --learning-rate to 0 at --steps (a resumed run must keep "
-    "the same --steps).",
+    "--lr-schedule", type=click.Choice(["constant", "cosine", "constant-then-decay"]),
+    default="constant", show_default=True,
+    help="cosine: the step falls from --learning-rate to 0 at --steps; constant-then-decay: "
+    "constant for 80% of the steps, then a straight line to 0. A resumed run must keep the same "
+    "--steps unless constant.",
 )  # fmt: skip
 @click.option(
     "--loss", type=click.Choice(["ce", "dice", "dice+ce", "tversky"]), default="ce",

@@ -11,11 +11,19 @@ from ._dataset import LabelledTomogram, SegmentationDataset, load_dataset, split
 from ._losses import cross_entropy_loss, dice_loss, tversky_loss
 from ._patches import PatchBatch, PatchSampler, flip_tilt_axis, key_to_rng, zscore_patches
 from ._targets import shape_targets, sphere_targets
-from ._train import LOSSES, TrainConfig, plot_history, train_segmenter
+from ._train import (
+    LOSSES,
+    SCHEDULES,
+    TrainConfig,
+    learning_rate_schedule,
+    plot_history,
+    train_segmenter,
+)
 from ._unet import DeepFinderUNet
 
 __all__ = [
     "LOSSES",
+    "SCHEDULES",
     "DeepFinderUNet",
     "LabelledTomogram",
     "PatchBatch",
@@ -27,6 +35,7 @@ __all__ = [
     "dice_loss",
     "flip_tilt_axis",
     "key_to_rng",
+    "learning_rate_schedule",
     "load_dataset",
     "load_segmenter",
     "plot_history",
