@@ -9,7 +9,7 @@ DEMO_OUT ?= demo_output
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py cryojax_mw/nn/_winograd_cpu.cc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,notebooks]"

@@ -2,22 +2,13 @@
 
 Layout: inputs (batch, z, y, x, channels), channels-last; logits (batch, z, y, x, n_classes).
 
-Speed on XLA:CPU (2 cores, float32). A 3D convolution lowered as one `lax.conv_general_dilated`
-was measured 2-3.5 times slower than the same convolution computed as 2D convolutions over the
-(y, x) planes (XLA:CPU has fast 2D kernels; the weight gradient of its 3D convolution is
-especially slow). `_conv3d` adds Winograd's minimal filtering along z on top, which halves the
-arithmetic of a 3^3 convolution. Against the best plane rewrites without it (z-shifts stacked on
-the input channels for training, on the output channels for inference), interleaved in one
-process: the published network on a 128^3 block 10.9 -> 5.4 s, the gradient of five 56^3 patches
-11.4 -> 6.7 s. Winograd over (z, y) with 1D convolutions along x was faster for single layers but
-slower for the network (its transformed planes are 2.25 times the input), and over all three axes
-with channel matmuls it was slower still.
+Convolutions are `_conv.fused_conv` (with their bias and ReLU, the decoder's concatenation and the
+up-sampling's reshuffle folded in): the project's Winograd kernels on a CPU, lax's elsewhere.
 Up-sampling (nearest x2 followed by a 2^3 'same' convolution, as published) is evaluated at the
 low resolution: each of the 8 output parities of the up-sampled grid sees a fixed 2^3 window of
 the low-resolution input, so one 2^3 convolution with 8*C_out outputs followed by a depth-to-space
 reshuffle gives exactly the same result with the same weights without building the up-sampled
-array (4-9% less time for the whole network). Max-pooling is a reshape and a max; bfloat16
-convolutions were slower than float32 on this CPU.
+array (4-9% less time for the whole network). Max-pooling is a reshape and a max.
 """
 
 from __future__ import annotations
@@ -29,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
-_DN_2D = ("NHWC", "HWIO", "NHWC")
+from ._conv import fused_conv
 
 
 def _same_padding(kernel_size: int) -> tuple[int, int]:
@@ -39,70 +29,6 @@ def _same_padding(kernel_size: int) -> tuple[int, int]:
     after."""
     low = (kernel_size - 1) // 2
     return low, kernel_size - 1 - low
-
-
-def _conv2d(x: jax.Array, kernel: jax.Array, padding: tuple[int, int]) -> jax.Array:
-    return lax.conv_general_dilated(x, kernel, (1, 1), (padding, padding), dimension_numbers=_DN_2D)
-
-
-# Winograd output tile along z: F(4, r) cut the network's CPU time about in half; F(6, 3) measured
-# only 3% faster with larger rounding, F(2, 3) and F(3, 3) were slower.
-_WINOGRAD_TILE = 4
-# Interpolation points of the Toom-Cook construction, in the usual order (small magnitudes first
-# keep the transforms well conditioned); infinity is the last point, implicitly.
-_TOOM_COOK_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5)
-
-
-def _winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Winograd minimal filtering F(m, r) for correlation (Lavin & Gray 2016): for d of length
-    m + r - 1 and g of length r, y_i = sum_k g_k d_{i+k} equals A^T [(G g) * (B^T d)].
-
-    Toom-Cook: G evaluates g at the points, B^T is the transposed inverse of the Vandermonde
-    matrix of the points (the interpolation a linear convolution needs, transposed into a
-    correlation), A^T the transposed evaluation of a length-m signal; rows of B^T and G are
-    rescaled by the points' products of differences so that B^T holds small integers at F(4, 3).
-    Built in float64; m + r - 2 must not exceed the number of points.
-    """
-    alpha = m + r - 1
-    points = np.asarray(_TOOM_COOK_POINTS[: alpha - 1])
-
-    def evaluation(n):  # (alpha, n): polynomial coefficients -> values at the points and infinity
-        return np.vstack([points[:, None] ** np.arange(n), np.eye(n)[-1]])
-
-    scale = np.array([np.prod(p - np.delete(points, j)) for j, p in enumerate(points)] + [1.0])
-    bt = np.linalg.inv(evaluation(alpha)).T * scale[:, None]
-    return bt, evaluation(r) / scale[:, None], evaluation(m).T
-
-
-def _conv3d(x: jax.Array, kernel: jax.Array, padding: tuple[int, int]) -> jax.Array:
-    """3D convolution (cross-correlation) of (B, D, H, W, Ci) by (k, k, k, Ci, Co) with `padding`
-    (low, high) on every spatial axis, as 2D convolutions over the (y, x) planes with Winograd's
-    F(4, k) along z: every 4 output planes take k + 3 2D convolutions of transformed input planes
-    by transformed kernels instead of 4k (half the arithmetic at k = 3). The transforms are exact
-    in float64; in float32 the logits and gradients of the network were as close to a float64
-    evaluation as those of a direct convolution (2.5e-6 and 3e-4 relative)."""
-    k, ci, co = kernel.shape[0], kernel.shape[3], kernel.shape[4]
-    if k == 1:
-        return jnp.einsum("bdhwi,io->bdhwo", x, kernel[0, 0, 0])
-    m = _WINOGRAD_TILE
-    bt, g, at = _winograd_matrices(m, k)
-    b, d, h, w, _ = x.shape
-    tiles = -(-d // m)
-    xp = jnp.pad(x, ((0, 0), (padding[0], tiles * m + k - 1 - d - padding[0]), (0, 0), (0, 0),
-                     (0, 0)))  # fmt: skip
-    # Input plane i of every tile: the planes i, i + m, i + 2m, ... of the padded input.
-    planes = [xp[:, i : i + m * tiles : m] for i in range(m + k - 1)]
-
-    def combine(matrix_row, terms):
-        return sum(float(c) * t for c, t in zip(matrix_row, terms) if c != 0)
-
-    products = [
-        _conv2d(combine(bt_row, planes).reshape(b * tiles, h, w, ci),
-                combine(g_row, list(kernel)), padding).reshape(b, tiles, h, w, co)
-        for bt_row, g_row in zip(bt, g)
-    ]  # fmt: skip
-    out = jnp.stack([combine(at_row, products) for at_row in at], axis=2)
-    return out.reshape(b, tiles * m, h, w, co)[:, :d]
 
 
 def _max_pool2(x: jax.Array) -> jax.Array:
@@ -134,30 +60,29 @@ def _he_normal_kernels(key: jax.Array, shapes: Sequence[tuple[int, ...]], dtype)
 
 
 class _Conv3d(nnx.Module):
-    """k^3 'same' convolution with bias; kernel (k, k, k, Ci, Co) given, bias zero."""
+    """k^3 'same' convolution with bias; kernel (k, k, k, Ci, Co) given, bias zero. Called on
+    the parts of its input (concatenated along channels), optionally followed by a ReLU."""
 
     def __init__(self, kernel: jax.Array):
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.asarray(np.zeros(kernel.shape[-1]), kernel.dtype))
         self.padding = _same_padding(kernel.shape[0])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv3d(x, self.kernel[...], self.padding) + self.bias[...]
+    def __call__(self, *parts: jax.Array, relu: bool = False) -> jax.Array:
+        return fused_conv(parts, self.kernel[...], self.bias[...], self.padding, relu=relu)
 
 
 class _UpConv3d(_Conv3d):
     """Nearest x2 up-sampling then a 2^3 'same' convolution, computed at the low resolution."""
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, relu: bool = False) -> jax.Array:
         kernel = self.kernel[...]
         ci, co = kernel.shape[3:]
         parity = jnp.asarray(_PARITY, kernel.dtype)
         # Kernel of output parity (a, b, c) at low-resolution offsets (z, y, x).
         per_parity = jnp.einsum("azd,bye,cxf,defio->zyxiabco", parity, parity, parity, kernel)
-        out = _conv3d(x, per_parity.reshape(2, 2, 2, ci, 8 * co), (0, 1))
-        b, d, h, w, _ = x.shape
-        out = out.reshape(b, d, h, w, 2, 2, 2, co).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        return out.reshape(b, 2 * d, 2 * h, 2 * w, co) + self.bias[...]
+        return fused_conv((x,), per_parity.reshape(2, 2, 2, ci, 8 * co), self.bias[...], (0, 1),
+                          relu=relu, upsample=True)  # fmt: skip
 
 
 class DeepFinderUNet(nnx.Module):
@@ -263,15 +188,16 @@ class DeepFinderUNet(nnx.Module):
         skips = []
         for level in self.encoder:
             for layer in level:
-                x = jax.nn.relu(layer(x))
+                x = layer(x, relu=True)
             skips.append(x)
             x = _max_pool2(x)
         for layer in self.bottom:
-            x = jax.nn.relu(layer(x))
+            x = layer(x, relu=True)
         for up, level, skip in zip(self.ups, self.decoder, reversed(skips)):
-            x = jnp.concatenate([jax.nn.relu(up(x)), skip], axis=-1)
-            for layer in level:
-                x = jax.nn.relu(layer(x))
+            # The concatenation with the skip happens inside the first convolution's reads.
+            x = level[0](up(x, relu=True), skip, relu=True)
+            for layer in level[1:]:
+                x = layer(x, relu=True)
         return self.head(x)
 
     def predict_proba(self, x: jax.Array) -> jax.Array:
