@@ -3,13 +3,15 @@
 Three parts (`--parts`, default all three):
 
 - accuracy: a small simulated dataset (SNR 0.1, tilts -60..60 by 2 deg, 8 particle classes small
-  to large). A reduced DeepFinder U-Net is trained on the training tomograms; the held-out
-  tomograms (other seeds) are segmented, clustered by mean-shift (each class on its own, bandwidth
+  to large). A reduced DeepFinder U-Net is trained on the training tomograms (patches turned by
+  the four wedge-preserving 180 deg rotations); the held-out tomograms (other seeds) are
+  segmented (probabilities averaged over the same four rotations; the ablation
+  "unet_one_orientation" segments them once, as they are), clustered by mean-shift (each class on its own, bandwidth
   = the equivalent-sphere radius of its template) and scored with `evaluate_detections` (match
   distance = the median of those radii). Template matching (masked NCC over a coarse rotation grid,
   templates at the dataset's voxel size, missing wedge of the tilt range, each class's map
   standardised before the classes compete for voxels) runs on the same held-out tomograms. Every
-  threshold (U-Net: smallest cluster per class; template matching: score per class) is chosen on
+  threshold (U-Net, each variant: smallest cluster per class; template matching: score per class) is chosen on
   the calibration tomogram, the training run's validation tomogram, to maximise that class's F1
   there (the per-class table); a second set, chosen there for the best overall localization F1,
   gives the overall localization score. The held-out tomograms are never used to choose anything.
@@ -30,6 +32,7 @@ Three parts (`--parts`, default all three):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -69,7 +72,7 @@ ACCURACY = {
         "train": {"widths": (16, 24, 32), "patch_size": 32, "batch_size": 8, "max_shift": 10,
                   "steps": 5000, "learning_rate": 1e-3,
                   "learning_rate_schedule": "constant-then-decay", "loss": "dice+ce",
-                  "validate_every": 250, "validation_size": 16},
+                  "augment_turn": True, "validate_every": 250, "validation_size": 16},
         "inference_patch": 64, "tm_angular_step_deg": 45.0, "tm_top_k": 50,
     },
     "quick": {
@@ -261,9 +264,10 @@ def run_accuracy(case: str, workdir: Path) -> dict:
     step_s = history["seconds"][1:] or history["seconds"]
     log(f"trained {train_config.steps} steps in {timings['train_s']:.0f} s")
 
-    def unet_detections(sim):
+    def unet_detections(sim, average_rotations: bool):
+        predict = functools.partial(segmenter.predict_proba, average_rotations=average_rotations)
         seg = localize.segment_tomogram(
-            segmenter.predict_proba, sim.tomogram, patch_size=spec["inference_patch"],
+            predict, sim.tomogram, patch_size=spec["inference_patch"],
             n_classes=segmenter.n_classes, probabilities=None, progress=False,
         )  # fmt: skip
         return localize.cluster_mean_shift(
@@ -290,49 +294,52 @@ def run_accuracy(case: str, workdir: Path) -> dict:
         )  # fmt: skip
 
     (calib,) = sims["calibration"]
-    tic = time.perf_counter()
-    unet_calib = unet_detections(calib)
-    unet_thresholds = calibrate_thresholds(unet_calib, unet_calib.sizes, calib.particles, radius)
-    unet_loc_thresholds = calibrate_localization_thresholds(
-        unet_calib, unet_calib.sizes, calib.particles, radius,
-        {n: v["threshold"] for n, v in unet_thresholds.items()},
-    )  # fmt: skip
-    timings["unet_calibration_s"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    tm_calib = tm_detections(calib)
-    tm_thresholds = calibrate_thresholds(tm_calib, tm_calib.scores, calib.particles, radius)
-    tm_loc_thresholds = calibrate_localization_thresholds(
-        tm_calib, tm_calib.scores, calib.particles, radius,
-        {n: v["threshold"] for n, v in tm_thresholds.items()},
-    )  # fmt: skip
-    timings["tm_calibration_s"] = time.perf_counter() - tic
-    log(f"calibrated on {calib.particles.tomo_name}: U-Net {timings['unet_calibration_s']:.0f} s, "
-        f"TM {timings['tm_calibration_s']:.0f} s")  # fmt: skip
+
+    def calibrate(found, values):
+        per_class = calibrate_thresholds(found, values, calib.particles, radius)
+        localization = calibrate_localization_thresholds(
+            found, values, calib.particles, radius,
+            {n: v["threshold"] for n, v in per_class.items()},
+        )  # fmt: skip
+        return per_class, localization
+
+    # method -> how it detects and which value its thresholds apply to. "unet" averages the
+    # predictions over the four wedge-preserving rotations; "unet_one_orientation" is the same
+    # network on the tomogram as it is (the ablation).
+    methods = {
+        "unet": (lambda sim: unet_detections(sim, True), lambda f: f.sizes),
+        "unet_one_orientation": (lambda sim: unet_detections(sim, False), lambda f: f.sizes),
+        "template_matching": (tm_detections, lambda f: f.scores),
+    }  # fmt: skip
+    thresholds = {}
+    for method, (detect, values) in methods.items():
+        tic = time.perf_counter()
+        found = detect(calib)
+        thresholds[method] = calibrate(found, values(found))
+        timings[f"{method}_calibration_s"] = time.perf_counter() - tic
+    log(f"calibrated on {calib.particles.tomo_name}: " + ", ".join(
+        f"{m} {timings[f'{m}_calibration_s']:.0f} s" for m in methods))  # fmt: skip
 
     # Two operating points, each chosen on the calibration tomogram for the score it reports:
     # per-class F1 (the per-class table) and overall localization F1.
-    evaluations = {"unet": [], "template_matching": []}
-    localization_evaluations = {"unet": [], "template_matching": []}
+    evaluations = {m: [] for m in methods}
+    localization_evaluations = {m: [] for m in methods}
     per_tomogram = []
-    timings["unet_test_s"] = timings["tm_test_s"] = 0.0
+    for method in methods:
+        timings[f"{method}_test_s"] = 0.0
     for sim in sims["test"]:
-        tic = time.perf_counter()
-        unet_found = unet_detections(sim)
-        timings["unet_test_s"] += time.perf_counter() - tic
-        tic = time.perf_counter()
-        tm_found = tm_detections(sim)
-        timings["tm_test_s"] += time.perf_counter() - tic
         row = {"tomogram": sim.particles.tomo_name, "n_true": len(sim.particles)}
-        for method, found, values, per_class, loc in (
-            ("unet", unet_found, unet_found.sizes, unet_thresholds, unet_loc_thresholds),
-            ("template_matching", tm_found, tm_found.scores, tm_thresholds, tm_loc_thresholds),
-        ):
+        for method, (detect, values) in methods.items():
+            tic = time.perf_counter()
+            found = detect(sim)
+            timings[f"{method}_test_s"] += time.perf_counter() - tic
+            per_class, loc = thresholds[method]
             pred = apply_thresholds(
-                found, values, {n: v["threshold"] for n, v in per_class.items()}
+                found, values(found), {n: v["threshold"] for n, v in per_class.items()}
             )
             ev = localize.evaluate_detections(pred, sim.particles, max_distance=radius)
             evaluations[method].append(ev)
-            loc_pred = apply_thresholds(found, values, loc)
+            loc_pred = apply_thresholds(found, values(found), loc)
             loc_ev = localize.evaluate_detections(loc_pred, sim.particles, max_distance=radius)
             localization_evaluations[method].append(loc_ev)
             row[method] = {"n_predicted": len(pred), "localization_f1": ev.localization["f1"],
@@ -340,8 +347,8 @@ def run_accuracy(case: str, workdir: Path) -> dict:
                            "mean_distance_voxels": ev.mean_distance,
                            "localization_point_f1": loc_ev.localization["f1"]}  # fmt: skip
         per_tomogram.append(row)
-        log(f"scored {row['tomogram']}: U-Net loc. F1 {row['unet']['localization_f1']:.3f}, "
-            f"TM {row['template_matching']['localization_f1']:.3f}")  # fmt: skip
+        log(f"scored {row['tomogram']}: loc. F1 " + ", ".join(
+            f"{m} {row[m]['localization_f1']:.3f}" for m in methods))  # fmt: skip
 
     results = {m: pooled_scores(evs, classes) for m, evs in evaluations.items()}
     for m, evs in localization_evaluations.items():
@@ -367,9 +374,15 @@ def run_accuracy(case: str, workdir: Path) -> dict:
             "tm_rotations": len(grid), "tm_angular_step_deg": spec["tm_angular_step_deg"],
             "tm_wedge_deg": [TILT_MIN, TILT_MAX], "tm_top_k": spec["tm_top_k"],
             "calibration_tomogram": calib.particles.tomo_name,
-            "unet_min_cluster_size": unet_thresholds, "tm_score_threshold": tm_thresholds,
-            "localization_point": {"unet_min_cluster_size": unet_loc_thresholds,
-                                   "tm_score_threshold": tm_loc_thresholds},
+            "unet_average_rotations": True,
+            "unet_min_cluster_size": thresholds["unet"][0],
+            "unet_one_orientation_min_cluster_size": thresholds["unet_one_orientation"][0],
+            "tm_score_threshold": thresholds["template_matching"][0],
+            "localization_point": {
+                "unet_min_cluster_size": thresholds["unet"][1],
+                "unet_one_orientation_min_cluster_size": thresholds["unet_one_orientation"][1],
+                "tm_score_threshold": thresholds["template_matching"][1],
+            },
         },
         "timings_s": timings,
         "results": results,
@@ -424,12 +437,13 @@ def child_train(case: str) -> dict:
     item = nn.LabelledTomogram(sim.tomogram, sim.labels, sim.particles)
     names = ("background", *simulate.SHREC_CLASSES)
     config = nn.TrainConfig(
-        # Micro-batches of one patch, five per compiled call: 5 divides the published batch of 25
-        # (the default bound of 4 would leave one per call and one core idle).
+        # Micro-batches of five patches (5 divides the published batch of 25), the fastest split
+        # measured (see cryojax_mw/nn/_train.py).
         patch_size=spec["train_patch"], batch_size=spec["train_batch"],
-        concurrent_micro_batches=5 if spec["train_batch"] % 5 == 0 else 4,
+        micro_batch_size=5 if spec["train_batch"] % 5 == 0 else 4,
         max_shift=min(13, spec["train_patch"] // 2 - 1), steps=1 + spec["timed_steps"],
-        validate_every=10**6, validation_size=1, checkpoint_every=10**6,
+        validate_every=10**6, validation_size=5 if spec["train_batch"] % 5 == 0 else 4,
+        checkpoint_every=10**6,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         nn.train_segmenter(config, [item], [item], folder, label_names=names, progress=False)
@@ -533,8 +547,10 @@ def render(report: dict) -> str:
             f"scores pooled over them). U-Net: widths {tuple(cfg['widths'])}, patch "
             f"{cfg['patch_size']}^3, batch {cfg['batch_size']}, {tr['steps']} Adam steps "
             f"(lr {cfg['learning_rate']:g}, schedule {cfg['learning_rate_schedule']}, loss "
-            f"{cfg['loss']}) in {tr['wall_s']:.0f} s "
-            f"({tr['median_step_s']:.2f} s/step); inference windows {st['inference_patch']}^3; "
+            f"{cfg['loss']}{', 180 deg turns about z and y' if cfg.get('augment_turn') else ''}) "
+            f"in {tr['wall_s']:.0f} s ({tr['median_step_s']:.2f} s/step); inference windows "
+            f"{st['inference_patch']}^3"
+            f"{', probabilities averaged over the 4 wedge-preserving rotations' if st.get('unet_average_rotations') else ''}; "
             f"mean-shift on each class with its radius (the equivalent-sphere radius of its "
             f"template, table below); match distance {st['match_distance_voxels']:.2f} voxels "
             f"(the median radius). Template matching: "
@@ -566,6 +582,13 @@ def render(report: dict) -> str:
         rows.append(["**all (localization, thresholds for it)**", None, u["tp"] + u["fn"],
                      _f(u["precision"]), _f(u["recall"]), _f(u["f1"]), None,
                      _f(t["precision"]), _f(t["recall"]), _f(t["f1"]), None])  # fmt: skip
+        one = acc["results"].get("unet_one_orientation")
+        if one:
+            for label, u in (("per-class thresholds", one["localization"]),
+                             ("thresholds for it", one["localization_operating_point"])):
+                rows.append([f"all (localization, {label}), U-Net without rotation averaging",
+                             None, u["tp"] + u["fn"], _f(u["precision"]), _f(u["recall"]),
+                             _f(u["f1"]), None, None, None, None, None])  # fmt: skip
         lines.append("\n" + markdown_table(
             ["class", "radius (vox)", "true", "U-Net P", "U-Net R", "U-Net F1",
              "min cluster", "TM P", "TM R", "TM F1", "TM threshold"], rows))  # fmt: skip

@@ -24,6 +24,7 @@ from cryojax_mw.nn import (
     cross_entropy_loss,
     dice_loss,
     flip_tilt_axis,
+    turn_beam_axis,
     learning_rate_schedule,
     load_dataset,
     load_segmenter,
@@ -35,7 +36,8 @@ from cryojax_mw.nn import (
     zscore_patches,
 )
 from cryojax_mw.nn._train import _gradients
-from cryojax_mw.nn._unet import _conv3d, _UpConv3d, _winograd_matrices
+from cryojax_mw.nn._conv import _EXTENSION, _winograd_matrices, fused_conv
+from cryojax_mw.nn._unet import _UpConv3d
 from cryojax_mw.simulate import SimulationConfig, write_dataset
 
 TINY = (4, 6)  # one pooling: the training tests compile fast
@@ -98,32 +100,81 @@ def test_winograd_matrices_compute_a_correlation(m, r):
     np.testing.assert_allclose(at @ ((g @ kernel) * (bt @ d)), want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "depth,in_channels,kernel_size,padding",
-    # depths 4 and 8 fill whole Winograd tiles along z; 5 and 3 leave a partial one
-    [(4, 2, 3, (1, 1)), (5, 9, 3, (1, 1)), (8, 9, 2, (0, 1)), (3, 9, 2, (0, 1)), (4, 9, 1, (0, 0))],
-)
-def test_conv_equals_lax_3d_convolution(depth, in_channels, kernel_size, padding):
+@pytest.mark.parametrize("padding", [(1, 1), (0, 1)])
+def test_fused_conv_is_relu_of_the_lax_convolution_of_the_concatenated_parts_plus_bias(padding):
     with jax.enable_x64(True):
-        x = jnp.asarray(RNG.normal(size=(2, depth, 6, 8, in_channels)))
-        w = jnp.asarray(RNG.normal(size=(kernel_size,) * 3 + (in_channels, 3)))
+        parts = [jnp.asarray(RNG.normal(size=(2, 5, 6, 7, c))) for c in (3, 2)]
+        k = sum(padding) + 1
+        kernel = jnp.asarray(RNG.normal(size=(k,) * 3 + (5, 4)))
+        bias = jnp.asarray(RNG.normal(size=4))
+        want = lax.conv_general_dilated(jnp.concatenate(parts, -1), kernel, (1, 1, 1),
+                                        [padding] * 3, dimension_numbers=DN_3D)  # fmt: skip
+        got = fused_conv(parts, kernel, bias, padding, relu=True)
+        np.testing.assert_allclose(got, np.maximum(want + bias, 0), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="does not keep the size"):
+        fused_conv(parts, kernel, bias, (0, 0))
 
-        cotangent = jnp.asarray(RNG.normal(size=(2, depth, 6, 8, 3)))
 
-        def lax_conv(x, w):
-            return lax.conv_general_dilated(x, w, (1, 1, 1), [padding] * 3, dimension_numbers=DN_3D)
+def _relative_error(got, want):
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
-        @functools.partial(jax.jit, static_argnums=2)
-        def value_and_pullback(x, w, conv):
-            out, pullback = jax.vjp(conv, x, w)
-            return out, pullback(cotangent)
 
-        want, want_grads = value_and_pullback(x, w, lax_conv)
-        got, got_grads = value_and_pullback(x, w, lambda x, w: _conv3d(x, w, padding))
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        # training differentiates the Winograd form: its input and kernel gradients too
-        for g, ref in zip(got_grads, want_grads):
-            np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-11)
+@pytest.mark.parametrize(
+    "channels,co,k,upsample,relu,bias,shape",
+    [
+        ((32,), 32, 3, False, True, True, (2, 9, 10, 11)),  # partial tiles along every axis
+        ((16, 32), 48, 3, False, True, True, (1, 8, 7, 6)),  # two parts: the U-Net's skips
+        ((1,), 32, 3, False, True, True, (1, 8, 8, 8)),  # one channel, padded to 16
+        ((16,), 13, 3, False, False, True, (1, 5, 6, 7)),  # outputs not a multiple of 16
+        ((32,), 8 * 16, 2, True, True, True, (1, 5, 4, 6)),  # up-convolution
+        ((16,), 8 * 32, 2, True, False, False, (2, 3, 4, 5)),
+    ],
+)
+def test_cpu_kernels_match_the_float64_definition_in_value_and_gradients(
+    channels, co, k, upsample, relu, bias, shape
+):
+    """The extension (float32, CPU) against `fused_conv`'s float64 lax path: the result and the
+    pullbacks of all three arguments (ReLU masks, partial tiles, padded channels)."""
+    assert _EXTENSION is not None, "the CPU convolution kernels were not built"
+    padding = (1, 1) if k == 3 else (0, 1)
+    parts = [RNG.normal(size=shape + (c,)).astype(np.float32) for c in channels]
+    kernel = (RNG.normal(size=(k,) * 3 + (sum(channels), co)) / math.sqrt(k**3 * sum(channels)))
+    kernel = kernel.astype(np.float32)
+    b = (RNG.normal(size=co // 8 if upsample else co) / 10).astype(np.float32) if bias else None
+
+    def conv(parts, kernel, b):
+        return fused_conv(parts, kernel, b, padding, relu=relu, upsample=upsample)
+
+    lowered = jax.jit(lambda *a: jax.vjp(conv, *a)[1](jnp.ones_like(conv(*a))))
+    assert "winograd_forward" in lowered.lower(parts, kernel, b).as_text()
+    got, pullback = jax.vjp(jax.jit(conv), parts, kernel, b)
+    with jax.enable_x64(True):
+        as64 = functools.partial(jax.tree.map, lambda a: np.asarray(a, np.float64))
+        want, want_pullback = jax.vjp(conv, as64(parts), as64(kernel), as64(b))
+        cotangent = RNG.normal(size=want.shape)
+        want_grads = want_pullback(cotangent)
+    got_grads = pullback(cotangent.astype(np.float32))
+    # float32 rounding through the transforms: measured 1e-6 to 4e-6.
+    assert _relative_error(got, want) < 1e-5
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert _relative_error(g, w) < 1e-5
+
+
+def test_cpu_kernels_run_side_by_side_in_one_computation():
+    """Independent convolutions that XLA may schedule on different threads share the extension's
+    thread pool: all finish, each with its own result."""
+    x = jnp.asarray(RNG.normal(size=(4, 1, 12, 12, 12, 16)), jnp.float32)
+    kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 16, 16)) / 20, jnp.float32)
+
+    @jax.jit
+    def several(x, kernel):
+        return [jax.grad(lambda k: fused_conv([xi], k, None, (1, 1), relu=True).sum())(kernel)
+                for xi in x]  # fmt: skip
+
+    grads = several(x, kernel)
+    for xi, g in zip(x, grads):
+        one = jax.grad(lambda k: fused_conv([xi], k, None, (1, 1), relu=True).sum())(kernel)
+        np.testing.assert_allclose(g, one, rtol=1e-6, atol=1e-6)
 
 
 def test_upconv_equals_nearest_upsampling_then_same_2cube_convolution():
@@ -314,6 +365,26 @@ def test_flip_about_the_tilt_axis_is_an_involution_sending_z_x_to_minus_z_minus_
     np.testing.assert_array_equal(flip_tilt_axis(jnp.asarray(volume)), flipped)
 
 
+def test_turn_about_the_beam_axis_is_an_involution_sending_y_x_to_minus_y_minus_x():
+    volume = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    turned = turn_beam_axis(volume)
+    assert turned[0, 0, 0] == volume[0, 4, 5] and turned[3, 1, 4] == volume[3, 3, 1]
+    np.testing.assert_array_equal(turn_beam_axis(turned), volume)
+    np.testing.assert_array_equal(turn_beam_axis(jnp.asarray(volume)), turned)
+
+
+def test_sampler_turns_image_and_label_together_and_changes_nothing_else():
+    data = [_labelled(0), _labelled(1)]
+    kwargs = {"n_classes": 3, "patch_size": 8, "max_shift": 2, "flip_probability": 0.5}
+    plain = PatchSampler(data, **kwargs).sample(jax.random.key(5), 16)
+    turned = PatchSampler(data, turn_probability=1.0, **kwargs).sample(jax.random.key(5), 16)
+    np.testing.assert_array_equal(turned.starts, plain.starts)
+    np.testing.assert_array_equal(turned.flipped, plain.flipped)
+    assert turned.turned.all() and not plain.turned.any()
+    np.testing.assert_array_equal(turned.images, turn_beam_axis(plain.images))
+    np.testing.assert_array_equal(turned.labels, turn_beam_axis(plain.labels))
+
+
 def test_sampler_flips_image_and_label_together_and_keeps_them_aligned():
     data = [_labelled(0), _labelled(1)]
     kwargs = {"n_classes": 3, "patch_size": 8, "max_shift": 2, "background_fraction": 0.25}
@@ -440,6 +511,14 @@ def test_checkpoint_round_trip_is_exact_and_predicts_from_raw_patches(straight_r
     with trace_counter:
         loaded.predict_proba(2 * raw)
     assert trace_counter.count == 0
+    # Averaged over the wedge-preserving rotations, the prediction commutes with each of them.
+    averaged = loaded.predict_proba(raw, average_rotations=True)
+    assert not np.allclose(averaged, probs, atol=1e-3)
+    for rotate in (flip_tilt_axis, turn_beam_axis, lambda v: flip_tilt_axis(turn_beam_axis(v))):
+        np.testing.assert_allclose(
+            loaded.predict_proba(rotate(raw), average_rotations=True),
+            jnp.moveaxis(rotate(jnp.moveaxis(averaged, -1, 0)), 0, -1), atol=1e-5,
+        )  # fmt: skip
     history = json.loads((out / "history.json").read_text())
     assert history["step"] == [1, 2, 3, 4, 5, 6] and history["validation"]["step"] == [3, 6]
     assert len(history["validation"]["dice"][0]) == 3 and (out / "history.png").stat().st_size
@@ -551,6 +630,9 @@ def test_concurrent_micro_batches_divide_the_step():
     assert _config(batch_size=20, concurrent_micro_batches=8).micro_batches_per_call == 5
     assert _config(batch_size=25, concurrent_micro_batches=4).micro_batches_per_call == 1
     assert _config(batch_size=2, micro_batch_size=2).micro_batches_per_call == 1
+    # by default a micro-batch is the largest divisor of the batch up to 5
+    for batch, micro in ((24, 4), (25, 5), (7, 1), (2, 2)):
+        assert TrainConfig(batch_size=batch).micro_batch_size == micro
 
 
 @pytest.mark.parametrize(
@@ -561,7 +643,6 @@ def test_concurrent_micro_batches_divide_the_step():
         ({"loss": "focal"}, "loss must be one of"),
         ({"learning_rate_schedule": "step"}, "learning_rate_schedule must be one of"),
         ({"max_shift": 8}, "max_shift"),
-        ({"validation_size": 5, "micro_batch_size": 2}, "validation_size 5 must be a multiple"),
     ],
 )
 def test_bad_training_settings_say_what_to_change(change, message):

@@ -9,7 +9,14 @@ Arrays: volumes (z, y, x), patches (batch, z, y, x), network inputs channels-las
 from ._checkpoint import Segmenter, load_segmenter
 from ._dataset import LabelledTomogram, SegmentationDataset, load_dataset, split_train_val
 from ._losses import cross_entropy_loss, dice_loss, tversky_loss
-from ._patches import PatchBatch, PatchSampler, flip_tilt_axis, key_to_rng, zscore_patches
+from ._patches import (
+    PatchBatch,
+    PatchSampler,
+    flip_tilt_axis,
+    key_to_rng,
+    turn_beam_axis,
+    zscore_patches,
+)
 from ._targets import shape_targets, sphere_targets
 from ._train import (
     LOSSES,
@@ -34,6 +41,7 @@ __all__ = [
     "cross_entropy_loss",
     "dice_loss",
     "flip_tilt_axis",
+    "turn_beam_axis",
     "key_to_rng",
     "learning_rate_schedule",
     "load_dataset",

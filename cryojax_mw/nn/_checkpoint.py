@@ -162,10 +162,21 @@ def restore_state(folder: Path, record: dict, role: str, target) -> None:
     nnx.update(target, unflatten_state(template, arrays, f"{folder / info['file']}"))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _predict(graphdef, state, patches):
+# Spatial axes reversed by each rotation that keeps a wedge symmetric about z: identity, 180
+# degrees about y (`flip_tilt_axis`), z (`turn_beam_axis`) and x; of (B, z, y, x) patches.
+_WEDGE_ROTATIONS = ((), (1, 3), (2, 3), (1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _predict(graphdef, state, patches, average_rotations: bool):
     model = nnx.merge(graphdef, state)
-    return model.predict_proba(zscore_patches(patches)[..., None])
+    x = zscore_patches(patches)[..., None]
+    if not average_rotations:
+        return model.predict_proba(x)
+    # Each rotation is its own inverse: predict on the rotated patches, rotate back, average.
+    total = sum(jnp.flip(model.predict_proba(jnp.flip(x, axes)), axes)
+                for axes in _WEDGE_ROTATIONS)  # fmt: skip
+    return total / len(_WEDGE_ROTATIONS)
 
 
 class Segmenter:
@@ -202,12 +213,16 @@ class Segmenter:
     def n_classes(self) -> int:
         return self.model.n_classes
 
-    def predict_proba(self, patches) -> jax.Array:
+    def predict_proba(self, patches, *, average_rotations: bool = False) -> jax.Array:
         """Class probabilities of raw patches, z-scored one by one exactly as in training.
 
         Args:
             patches: (B, p, p, p) float (any p that is a multiple of the model's
                 `patch_multiple`; statistics are taken over each whole patch).
+            average_rotations: average the probabilities predicted for the patches turned by
+                each of the four rotations that keep a wedge symmetric about z in place
+                (identity, 180 degrees about z, y, x), each turned back: 4 times the work, a
+                prediction that commutes with those rotations exactly.
 
         Returns:
             (B, p, p, p, n_classes) probabilities in the model's dtype (jitted; one compilation
@@ -217,7 +232,7 @@ class Segmenter:
         if x.ndim != 4:
             raise ValueError(f"patches must be (batch, z, y, x), got shape {x.shape}")
         graphdef, state = nnx.split(self.model)
-        return _predict(graphdef, state, x.astype(self.model.param_dtype))
+        return _predict(graphdef, state, x.astype(self.model.param_dtype), bool(average_rotations))
 
 
 def load_segmenter(model_dir: str | Path) -> Segmenter:

@@ -64,6 +64,18 @@ def flip_tilt_axis(volume):
     return np.flip(volume, axis=(-3, -1))
 
 
+def turn_beam_axis(volume):
+    """Rotate by 180 degrees about the beam axis z: (z, y, x) -> (z, -y, -x), i.e. reverse axes
+    y and x of a (..., z, y, x) array (NumPy or JAX). With `flip_tilt_axis` it generates the four
+    rotations that keep a missing wedge symmetric about z in place (identity and 180 degrees
+    about z, y and x): each sends the measured directions (kz, kx) to (+-kz, +-kx)."""
+    if volume.ndim < 3:
+        raise ValueError(f"volume must be (..., z, y, x), got shape {volume.shape}")
+    if isinstance(volume, jax.Array):
+        return jnp.flip(volume, axis=(-2, -1))
+    return np.flip(volume, axis=(-2, -1))
+
+
 class PatchBatch(NamedTuple):
     """A batch of training patches.
 
@@ -74,6 +86,7 @@ class PatchBatch(NamedTuple):
         tomograms: (B,) index of the source tomogram.
         starts: (B, 3) first voxel (z, y, x) of each patch in its tomogram.
         flipped: (B,) whether the 180 degree rotation about y was applied.
+        turned: (B,) whether the 180 degree rotation about z was applied (after the flip).
     """
 
     images: np.ndarray
@@ -82,6 +95,7 @@ class PatchBatch(NamedTuple):
     tomograms: np.ndarray
     starts: np.ndarray
     flipped: np.ndarray
+    turned: np.ndarray
 
 
 class PatchSampler:
@@ -95,6 +109,8 @@ class PatchSampler:
         max_shift: largest random shift of a patch centre from its example, per axis (voxels).
         background_fraction: fraction of each batch drawn uniformly anywhere (rounded to a count).
         flip_probability: probability of the 180 degree rotation about y for each patch.
+        turn_probability: probability of the 180 degree rotation about z for each patch (with
+            both at 0.5 the patches take the four wedge-preserving orientations equally often).
         contrast: each z-scored patch is multiplied by U[1 - contrast, 1 + contrast].
         brightness: ... then shifted by U[-brightness, brightness].
         noise: ... then given Gaussian noise of standard deviation U[0, noise].
@@ -109,6 +125,7 @@ class PatchSampler:
         max_shift: int = 0,
         background_fraction: float = 0.0,
         flip_probability: float = 0.5,
+        turn_probability: float = 0.0,
         contrast: float = 0.0,
         brightness: float = 0.0,
         noise: float = 0.0,
@@ -123,12 +140,15 @@ class PatchSampler:
             raise ValueError(
                 f"need patch_size >= 1 and max_shift >= 0, got {patch_size}, {max_shift}"
             )
-        if not 0 <= background_fraction <= 1 or not 0 <= flip_probability <= 1:
-            raise ValueError("background_fraction and flip_probability must lie in [0, 1]")
+        if not all(0 <= q <= 1 for q in (background_fraction, flip_probability, turn_probability)):
+            raise ValueError(
+                "background_fraction, flip_probability and turn_probability must lie in [0, 1]"
+            )
         if not 0 <= contrast < 1 or brightness < 0 or noise < 0:
             raise ValueError("need 0 <= contrast < 1, brightness >= 0 and noise >= 0")
         self.background_fraction = float(background_fraction)
         self.flip_probability = float(flip_probability)
+        self.turn_probability = float(turn_probability)
         self.contrast, self.brightness, self.noise = (
             float(contrast),
             float(brightness),
@@ -225,6 +245,9 @@ class PatchSampler:
         gain = rng.uniform(1 - self.contrast, 1 + self.contrast, batch_size)
         offset = rng.uniform(-self.brightness, self.brightness, batch_size)
         sigma = rng.uniform(0, self.noise, batch_size)
+        turned = rng.random(batch_size) < self.turn_probability
+        images[turned] = turn_beam_axis(images[turned])
+        labels[turned] = turn_beam_axis(labels[turned])
         if self.contrast or self.brightness or self.noise:
             noise = rng.standard_normal(images.shape, dtype=np.float32)
             images = (
@@ -232,4 +255,4 @@ class PatchSampler:
                 + offset[:, None, None, None]
                 + sigma[:, None, None, None] * noise
             ).astype(np.float32)
-        return PatchBatch(images, labels, classes, tomograms, starts, flipped)
+        return PatchBatch(images, labels, classes, tomograms, starts, flipped, turned)

@@ -7,13 +7,14 @@ gradient. Cross-entropy is a mean over voxels, so its micro-batched gradient equ
 batch's; Dice and Tversky are computed per micro-batch and averaged.
 
 Why micro-batches, measured on 2 CPU cores at 56^3 with the published widths: memory stays that
-of a few micro-batches (a whole batch of 25 would need about 20 GB); one patch per micro-batch
-was the fastest per patch (4.0 CPU-s against 4.2 for two and 5.0 for four); several micro-batches
-written as independent graphs in one compiled call keep both cores busy (2.3 s per patch for four
-against 3.1 s one after the other); a `lax.scan` over micro-batches was 30 times slower (XLA:CPU
-convolutions inside a while loop lose their fast kernels), hence the unrolled graphs and a
-Python loop over calls. Measured again with the Winograd convolutions: five patches took 7.0 s as
-five micro-batches of one in one call and 13.4 s as one micro-batch of five.
+of one micro-batch (a whole batch of 25 would need 7.7 GB), and with the project's CPU
+convolution kernels (`_conv.py`), which use both cores inside every convolution, a step of 25
+patches took 13.5 s as five micro-batches of five, 16.5 s as 25 of one (per-call overheads) and
+14.9 s as one of 25. Several micro-batches can still be written as independent graphs in one
+compiled call (`concurrent_micro_batches`), which kept both cores busy with XLA's own
+convolutions (2.3 s per patch for four against 3.1 s one after the other); a `lax.scan` over
+micro-batches was 30 times slower (XLA:CPU convolutions inside a while loop lose their fast
+kernels), hence the unrolled graphs and a Python loop over calls.
 
 Batch i of a run is drawn with the key `fold_in(batch_key, i)`, where `batch_key` comes from the
 seed: the sampler's RNG state is the seed and the step, so a run resumed from a checkpoint
@@ -59,6 +60,10 @@ DECAY_FRACTION = 0.2
 _RESUMABLE_CHANGES = ("steps", "validate_every", "checkpoint_every")
 
 
+def _largest_divisor(n: int, bound: int) -> int:
+    return max(d for d in range(1, min(n, bound) + 1) if n % d == 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run of the segmenter.
@@ -68,7 +73,8 @@ class TrainConfig:
             2 ** (len(widths) - 1).
         batch_size: patches per Adam step.
         micro_batch_size: patches per forward/backward pass (gradients summed over the batch);
-            must divide batch_size.
+            must divide batch_size. None: the largest divisor of batch_size up to 5 (the
+            fastest measured, see above).
         concurrent_micro_batches: at most this many micro-batches are computed as independent
             graphs in one compiled call (XLA runs them on different cores): the largest divisor
             of batch_size / micro_batch_size not above it. Memory grows with it.
@@ -89,11 +95,14 @@ class TrainConfig:
             < patch_size / 2.
         background_fraction: fraction of each batch drawn anywhere in the tomograms.
         augment_flip: rotate half the patches by 180 degrees about the tilt axis y.
+        augment_turn: rotate half the patches by 180 degrees about the beam axis z as well: with
+            augment_flip, all four rotations that keep a wedge symmetric about z (identity,
+            180 degrees about z, y and x), which the tilt-axis flip alone does not cover.
         augment_contrast, augment_brightness, augment_noise: ranges of the intensity
             augmentation of z-scored patches (see `PatchSampler`); 0 = off.
         validate_every: steps between validations (the last step is always validated).
         validation_size: validation patches, drawn once per run (no augmentation), evaluated
-            micro_batch_size at a time; a multiple of micro_batch_size.
+            in chunks of the largest divisor of validation_size up to micro_batch_size.
         checkpoint_every: steps between checkpoints (the last step is always saved).
         seed: seeds the initial weights, the batches and the validation patches.
         widths, convs_per_level, bottom_convs: the network (`DeepFinderUNet`).
@@ -101,8 +110,8 @@ class TrainConfig:
 
     patch_size: int = 48
     batch_size: int = 24
-    micro_batch_size: int = 1
-    concurrent_micro_batches: int = 4
+    micro_batch_size: int | None = None
+    concurrent_micro_batches: int = 1
     steps: int = 1000
     learning_rate: float = 1e-4
     learning_rate_schedule: str = "constant"
@@ -114,6 +123,7 @@ class TrainConfig:
     max_shift: int = 13
     background_fraction: float = 0.0
     augment_flip: bool = True
+    augment_turn: bool = False
     augment_contrast: float = 0.0
     augment_brightness: float = 0.0
     augment_noise: float = 0.0
@@ -127,6 +137,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.micro_batch_size is None and self.batch_size >= 1:
+            object.__setattr__(self, "micro_batch_size", _largest_divisor(self.batch_size, 5))
         if self.class_weights is not None:
             weights = tuple(float(w) for w in self.class_weights)
             if min(weights) < 0 or sum(weights) <= 0:
@@ -145,11 +157,6 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}"
-            )
-        if self.validation_size % self.micro_batch_size:
-            raise ValueError(
-                f"validation_size {self.validation_size} must be a multiple of micro_batch_size "
-                f"{self.micro_batch_size}"
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -174,8 +181,8 @@ class TrainConfig:
     def micro_batches_per_call(self) -> int:
         """Micro-batches in one compiled gradient call: the largest divisor of the number of
         micro-batches per step that is at most concurrent_micro_batches."""
-        n = self.batch_size // self.micro_batch_size
-        return max(d for d in range(1, min(n, self.concurrent_micro_batches) + 1) if n % d == 0)
+        return _largest_divisor(self.batch_size // self.micro_batch_size,
+                                self.concurrent_micro_batches)  # fmt: skip
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -409,7 +416,8 @@ def train_segmenter(
     sampler = PatchSampler(
         train, n_classes=n_classes, patch_size=config.patch_size, max_shift=config.max_shift,
         background_fraction=config.background_fraction,
-        flip_probability=0.5 if config.augment_flip else 0.0, contrast=config.augment_contrast,
+        flip_probability=0.5 if config.augment_flip else 0.0,
+        turn_probability=0.5 if config.augment_turn else 0.0, contrast=config.augment_contrast,
         brightness=config.augment_brightness, noise=config.augment_noise,
     )  # fmt: skip
     val_batch = PatchSampler(
@@ -467,8 +475,9 @@ def train_segmenter(
         postfix["loss"] = f"{history['loss'][-1]:.4f}"
         if step % config.validate_every == 0 or step == config.steps:
             val_loss, confusion = _validate(
-                model, val_batch, config.micro_batch_size, loss_params, config.loss
-            )
+                model, val_batch, _largest_divisor(config.validation_size, config.micro_batch_size),
+                loss_params, config.loss,
+            )  # fmt: skip
             accuracy, dice = _scores(confusion)
             for name, value in (("step", step), ("loss", val_loss), ("accuracy", accuracy),
                                 ("dice", dice)):  # fmt: skip
