@@ -56,7 +56,7 @@ from _common import (
 PARTS = ("accuracy", "speed", "whole")
 
 # Accuracy part. Eight classes from the smallest shipped SHREC'21 templates up to the proteasome;
-# sizes chosen so that the part runs in about 70 minutes on 2 shared CPU cores. Dice + cross-entropy
+# sizes chosen so that the part runs in about an hour on 2 shared CPU cores. Dice + cross-entropy
 # was chosen over cross-entropy alone by validation Dice (1000-step runs: 2cg9 0.46 vs 0.36, 1bxn
 # 0.33 vs 0.18, the other classes equal).
 # 5000 steps, constant rate then a linear drop over the last 1000: a cosine schedule did worse at

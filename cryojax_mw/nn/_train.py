@@ -9,8 +9,8 @@ batch's; Dice and Tversky are computed per micro-batch and averaged.
 Why micro-batches, measured on 2 CPU cores at 56^3 with the published widths: memory stays that
 of one micro-batch (a whole batch of 25 would need 7.7 GB), and with the project's CPU
 convolution kernels (`_conv.py`), which use both cores inside every convolution, a step of 25
-patches took 13.5 s as five micro-batches of five, 16.5 s as 25 of one (per-call overheads) and
-14.9 s as one of 25. Several micro-batches can still be written as independent graphs in one
+patches took 13.9 s as five micro-batches of five, 16.6 s as 25 of one (per-call overheads) and
+14.9 s as one of 25 (medians of 3 steps, one run each). Several micro-batches can still be written as independent graphs in one
 compiled call (`concurrent_micro_batches`), which kept both cores busy with XLA's own
 convolutions (2.3 s per patch for four against 3.1 s one after the other); a `lax.scan` over
 micro-batches was 30 times slower (XLA:CPU convolutions inside a while loop lose their fast
