@@ -128,6 +128,7 @@ def _relative_error(got, want):
         ((16,), 13, 3, False, False, True, (1, 5, 6, 7)),  # outputs not a multiple of 16
         ((32,), 8 * 16, 2, True, True, True, (1, 5, 4, 6)),  # up-convolution
         ((16,), 8 * 32, 2, True, False, False, (2, 3, 4, 5)),
+        ((16,), 8 * 24, 2, True, True, True, (1, 4, 3, 5)),  # 24 per parity, padded to 32
     ],
 )
 def test_cpu_kernels_match_the_float64_definition_in_value_and_gradients(

@@ -198,16 +198,19 @@ def _pad_channels(a: jax.Array, axis: int, size: int) -> jax.Array:
 
 def _on_extension(parts, kernel, bias, padding, relu, upsample):
     """Pads channel counts to multiples of 16 for the extension (zeros in, sliced off after:
-    the first layer's single input channel) and calls it."""
+    the first layer's single input channel, a width of 24) and calls it."""
     split = np.cumsum([x.shape[4] for x in parts])[:-1]
     rounded = [-(-x.shape[4] // _LANES) * _LANES for x in parts]
     kernel = jnp.concatenate([_pad_channels(kp, 3, n) for kp, n in
                               zip(jnp.split(kernel, split, axis=3), rounded)], axis=3)  # fmt: skip
     parts = tuple(_pad_channels(x, 4, n) for x, n in zip(parts, rounded))
-    co = kernel.shape[4]
-    if not upsample and co % _LANES:
-        kernel = _pad_channels(kernel, 4, co + (-co % _LANES))
-        bias = None if bias is None else _pad_channels(bias, 0, kernel.shape[4])
+    # Output channels (of each parity when up-sampling) padded the same way.
+    co = kernel.shape[4] // (8 if upsample else 1)
+    if co % _LANES:
+        rounded = co + (-co % _LANES)
+        kernel = _pad_channels(kernel.reshape(*kernel.shape[:4], -1, co), 5, rounded)
+        kernel = kernel.reshape(*kernel.shape[:4], -1)
+        bias = None if bias is None else _pad_channels(bias, 0, rounded)
         return _extension_conv(parts, kernel, bias, padding, relu, upsample)[..., :co]
     return _extension_conv(parts, kernel, bias, padding, relu, upsample)
 
@@ -234,10 +237,8 @@ def fused_conv(
     if sum(padding) != k - 1:
         raise ValueError(f"padding {padding} does not keep the size of a {k}^3 convolution")
     arrays = (*parts, kernel, *([] if bias is None else [bias]))
-    stored = kernel.shape[4] // 8
     if (_EXTENSION is None or k not in _KERNEL_SIZES
-            or any(a.dtype != jnp.float32 for a in arrays)
-            or (upsample and stored % _LANES)):  # fmt: skip
+            or any(a.dtype != jnp.float32 for a in arrays)):  # fmt: skip
         return _reference(parts, kernel, bias, padding, relu, upsample)
     return lax.platform_dependent(
         parts, kernel, bias,
