@@ -261,10 +261,15 @@ def test_train_segment_localize_evaluate_chain_and_its_bad_input(dataset, tmp_pa
     io.write_mrc(thin, io.read_mrc(tomogram)[0][:8], 10.0)
     with pytest.warns(UserWarning, match="padded by reflection"):
         code, _, err = run(["segment", "--model", model, "--tomogram", thin, "--out",
-                            tmp_path / "thin_seg", "--average-rotations"], capsys)  # fmt: skip
+                            tmp_path / "thin_seg", "--average-rotations",
+                            "--foreground-threshold", 0.5], capsys)  # fmt: skip
     assert code == 0, err
     assert io.read_mrc(tmp_path / "thin_seg" / "labels.mrc")[0].shape == (8, 80, 80)
-    assert json.loads((tmp_path / "thin_seg" / "segmentation.json").read_text())["average_rotations"]
+    meta = json.loads((tmp_path / "thin_seg" / "segmentation.json").read_text())
+    assert meta["average_rotations"] and meta["foreground_threshold"] == 0.5
+    code, _, err = run(["segment", "--model", model, "--tomogram", tomogram, "--out", seg,
+                        "--foreground-threshold", 1], capsys)  # fmt: skip
+    assert code == 2 and "foreground-threshold" in err
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run(["segment", "--model", empty, "--tomogram", tomogram, "--out", seg], capsys)

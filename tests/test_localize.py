@@ -21,6 +21,7 @@ from cryojax_mw.localize import (
     cluster_connected_components,
     cluster_mean_shift,
     evaluate_detections,
+    label_voxels,
     match_template,
     mean_shift,
     pick_peaks,
@@ -121,6 +122,46 @@ def test_float16_and_label_only_outputs_keep_the_labels():
     for other in (half, labels_only):
         np.testing.assert_array_equal(other.label_map, full.label_map)
         np.testing.assert_array_equal(other.max_probability, full.max_probability)
+
+
+def test_foreground_threshold_labels_voxels_whose_particle_classes_together_win():
+    probs = np.array([
+        [0.4, 0.35, 0.25],  # argmax background, but particle 0.6: class 1
+        [0.6, 0.1, 0.3],  # background even with the classes pooled
+        [0.5, 0.2, 0.3],  # particle exactly 0.5 reaches the threshold: class 2
+        [0.1, 0.2, 0.7],  # both rules agree
+    ], np.float32)  # fmt: skip
+    labels, best = label_voxels(probs)
+    np.testing.assert_array_equal(labels, [0, 0, 0, 2])
+    np.testing.assert_array_equal(best, np.float32([0.4, 0.6, 0.5, 0.7]))
+    labels, best = label_voxels(probs, 0.5)
+    np.testing.assert_array_equal(labels, [1, 0, 2, 2])
+    np.testing.assert_array_equal(best, np.float32([0.35, 0.6, 0.3, 0.7]))
+    assert labels.dtype == np.int16 and best.dtype == np.float32
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="foreground_threshold"):
+            label_voxels(probs, bad)
+    with pytest.raises(ValueError, match="background and at least one"):
+        label_voxels(probs[:, :1], 0.5)
+
+
+def test_tiled_segmentation_with_a_foreground_threshold_labels_as_label_voxels():
+    volume = np.random.default_rng(3).integers(-2, 3, size=(20, 22, 24)).astype(np.float32)
+    kwargs = {"patch_size": 12, "n_classes": 3, "crop": 2, "batch_size": 2, "progress": False}
+    full = segment_tomogram(_local_classifier, volume, **kwargs)
+    # The classifier's background voxels have P = (0.7, 0.1, 0.0): a threshold of 0.05 turns
+    # them into class 1, 0.5 leaves them background.
+    for t in (0.05, 0.5):
+        seg = segment_tomogram(
+            _local_classifier, volume, probabilities=None, foreground_threshold=t, **kwargs
+        )
+        labels, best = label_voxels(full.probabilities, t)
+        np.testing.assert_array_equal(seg.label_map, labels)
+        np.testing.assert_array_equal(seg.max_probability, best)
+    assert (seg.label_map == 0).any() and not (
+        segment_tomogram(_local_classifier, volume, foreground_threshold=0.05, **kwargs).label_map
+        == 0
+    ).any()
 
 
 def test_segmentation_refuses_bad_sizes_and_wrong_classifier_output():

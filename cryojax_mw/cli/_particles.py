@@ -360,8 +360,14 @@ def train_segmenter_cmd(datasets, out_dir, steps, batch_size, micro_batch_size,
     help="Average the predictions over the four 180 deg rotations that keep a symmetric missing "
     "wedge in place (4x the time; a steadier map).",
 )  # fmt: skip
+@click.option(
+    "--foreground-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Label a voxel particle when the particle classes together reach this probability, "
+    "then its likeliest particle class (0.5: whenever particle is likelier than background) "
+    "[default: each voxel's most probable class].",
+)  # fmt: skip
 def segment_cmd(model_dir, tomogram_path, out_dir, patch_size, crop, batch_size, voxel_size,
-                average_rotations):  # fmt: skip
+                average_rotations, foreground_threshold):  # fmt: skip
     """Label every voxel of a tomogram with a trained segmenter (sliding windows whose centres
     are kept), then `localize` turns the labels into particles.
 
@@ -389,8 +395,10 @@ def segment_cmd(model_dir, tomogram_path, out_dir, patch_size, crop, batch_size,
             f"has {voxel:g}; resample the tomogram first"
         )
     result = localize.segment_tomogram(
-        functools.partial(segmenter.predict_proba, average_rotations=average_rotations), tomogram, patch_size=patch_size or segmenter.patch_size,
-        n_classes=segmenter.n_classes, crop=crop, batch_size=batch_size, probabilities=None,
+        functools.partial(segmenter.predict_proba, average_rotations=average_rotations),
+        tomogram, patch_size=patch_size or segmenter.patch_size, n_classes=segmenter.n_classes,
+        crop=crop, batch_size=batch_size, probabilities=None,
+        foreground_threshold=foreground_threshold,
     )  # fmt: skip
     labels = result.label_map
     io.write_mrc(out_dir / SEGMENTATION_LABELS, labels,
@@ -400,7 +408,7 @@ def segment_cmd(model_dir, tomogram_path, out_dir, patch_size, crop, batch_size,
         "class_names": list(segmenter.class_names[1:]), "voxel_size_angstrom": voxel,
         "model": str(model_dir), "training_steps": segmenter.step, "tomogram": str(tomogram_path),
         "patch_size": result.patch_size, "crop": result.crop,
-        "average_rotations": average_rotations,
+        "average_rotations": average_rotations, "foreground_threshold": foreground_threshold,
     })  # fmt: skip
     plot.save_figure(
         plot.ortho_slices({"tomogram": tomogram, "labels": labels},

@@ -6,7 +6,7 @@ confusion matrix).
 
 from ._clustering import Detections, cluster_connected_components, cluster_mean_shift, mean_shift
 from ._evaluate import MATCHINGS, Evaluation, evaluate_detections
-from ._inference import Segmentation, segment_tomogram
+from ._inference import Segmentation, label_voxels, segment_tomogram
 from ._template_matching import TemplateMatch, match_template, pick_peaks, rotation_grid
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "cluster_connected_components",
     "cluster_mean_shift",
     "evaluate_detections",
+    "label_voxels",
     "match_template",
     "mean_shift",
     "pick_peaks",

@@ -37,8 +37,9 @@ class Segmentation:
     """Voxel-wise classification of a tomogram.
 
     Attributes:
-        label_map: int16 (z, y, x), the most probable class of each voxel (0 = background, as the
-            classifier's channel 0).
+        label_map: int16 (z, y, x), the class of each voxel (0 = background, as the
+            classifier's channel 0): the most probable one, or as `foreground_threshold` says
+            (`label_voxels`).
         max_probability: float32 (z, y, x), the probability of that class.
         probabilities: (z, y, x, C) class probabilities in float32 or float16, or None when only
             the label map was asked for.
@@ -80,12 +81,50 @@ def _extract(volume: jax.Array, starts: jax.Array, patch_size: int) -> jax.Array
     return jax.vmap(lambda s: jax.lax.dynamic_slice(volume, s, (patch_size,) * 3))(starts)
 
 
-@functools.partial(jax.jit, static_argnames=("crop", "dtype"))
-def _keep_centres(probabilities: jax.Array, crop: int, dtype):
+def _check_foreground_threshold(foreground_threshold, n_classes: int):
+    if foreground_threshold is None:
+        return None
+    t = float(foreground_threshold)
+    if not 0 < t < 1:
+        raise ValueError(f"foreground_threshold must lie in (0, 1), got {foreground_threshold}")
+    if n_classes < 2:
+        raise ValueError("foreground_threshold needs a background and at least one other class")
+    return t
+
+
+def label_voxels(probabilities, foreground_threshold: float | None = None):
+    """The label of each voxel and the probability of that label, from class probabilities.
+
+    Args:
+        probabilities: (..., C) class probabilities, background (channel 0) first.
+        foreground_threshold: None: the most probable class, background included. A number in
+            (0, 1): a voxel is a particle when its total particle probability (1 minus the
+            background's) reaches it, and then takes its most probable particle class. With many
+            similar classes the particle probability of a voxel is shared among them, so the
+            plain argmax calls background a voxel that is most likely some particle (localization
+            ignores the class); 0.5 labels a voxel particle whenever particle is the likelier.
+
+    Returns:
+        (labels int16 (...), probability float32 (...) of each voxel's label).
+    """
+    probabilities = jnp.asarray(probabilities)
+    foreground_threshold = _check_foreground_threshold(
+        foreground_threshold, probabilities.shape[-1]
+    )
+    if foreground_threshold is None:
+        labels = jnp.argmax(probabilities, axis=-1)
+    else:
+        foreground = 1 - probabilities[..., 0] >= foreground_threshold
+        labels = jnp.where(foreground, 1 + jnp.argmax(probabilities[..., 1:], axis=-1), 0)
+    best = jnp.take_along_axis(probabilities, labels[..., None], axis=-1)[..., 0]
+    return labels.astype(jnp.int16), best.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("crop", "dtype", "foreground_threshold"))
+def _keep_centres(probabilities: jax.Array, crop: int, dtype, foreground_threshold):
     p = probabilities.shape[1]
     core = probabilities[:, crop : p - crop, crop : p - crop, crop : p - crop, :]
-    labels = jnp.argmax(core, axis=-1).astype(jnp.int16)
-    best = jnp.max(core, axis=-1).astype(jnp.float32)
+    labels, best = label_voxels(core, foreground_threshold)
     return labels, best, (None if dtype is None else core.astype(dtype))
 
 
@@ -98,6 +137,7 @@ def segment_tomogram(
     crop: int | None = None,
     batch_size: int = 4,
     probabilities: str | None = "float32",
+    foreground_threshold: float | None = None,
     progress: bool = True,
 ) -> Segmentation:
     """Classify every voxel of a tomogram with a patch classifier, patch by patch.
@@ -118,6 +158,8 @@ def segment_tomogram(
         probabilities: "float32" or "float16" to keep the (z, y, x, C) probabilities in that
             dtype, or None to keep only the label map and the maximum probability (see the module
             docstring for the memory each takes).
+        foreground_threshold: how voxels are labelled (`label_voxels`): None, the most probable
+            class; a number in (0, 1), particle when the particle classes together reach it.
         progress: show a progress bar over the batches.
 
     Returns:
@@ -149,6 +191,7 @@ def segment_tomogram(
             f"probabilities must be 'float32', 'float16' or None, got {probabilities!r}"
         )
     out_dtype = None if probabilities is None else _PROBABILITY_DTYPES[probabilities]
+    foreground_threshold = _check_foreground_threshold(foreground_threshold, int(n_classes))
     n_classes, batch_size = int(n_classes), int(batch_size)
 
     core = p - 2 * c
@@ -183,7 +226,9 @@ def segment_tomogram(
                 f"predict_proba returned shape {tuple(prediction.shape)} for patches "
                 f"{(batch_size, p, p, p)}; it must return {expected} (n_classes = {n_classes})"
             )
-        labels, best, kept = jax.device_get(_keep_centres(prediction, c, out_dtype))
+        labels, best, kept = jax.device_get(
+            _keep_centres(prediction, c, out_dtype, foreground_threshold)
+        )
         for i, start in enumerate(starts[: min(batch_size, n_tiles - b * batch_size)]):
             # Core voxel j of a tile starting at s (padded coordinates) is voxel s + j of the
             # tomogram: the padding in front is exactly `crop` voxels.
