@@ -4,19 +4,22 @@ Three parts (`--parts`, default all three):
 
 - accuracy: a small simulated dataset (SNR 0.1, tilts -60..60 by 2 deg, 8 particle classes small
   to large). A reduced DeepFinder U-Net is trained on the training tomograms (patches turned by
-  the four wedge-preserving 180 deg rotations); the held-out tomograms (other seeds) are
-  segmented (probabilities averaged over the same four rotations; the ablation
-  "unet_one_orientation" segments them once, as they are), clustered by mean-shift (each class on its own, bandwidth
-  = the equivalent-sphere radius of its template) and scored with `evaluate_detections` (match
-  distance = the median of those radii). Template matching (masked NCC over a coarse rotation grid,
-  templates at the dataset's voxel size, missing wedge of the tilt range, each class's map
-  standardised before the classes compete for voxels) runs on the same held-out tomograms. Every
-  threshold (U-Net, each variant: smallest cluster per class; template matching: score per class) is chosen on
-  the calibration tomogram, the training run's validation tomogram, to maximise that class's F1
-  there (the per-class table); a second set, chosen there for the best overall localization F1,
-  gives the overall localization score. The held-out tomograms are never used to choose anything.
-  The per-class mean-shift clusters are merged when a centre lies within half a larger cluster's
-  class radius (one particle with mixed labels is one detection).
+  the four wedge-preserving 180 deg rotations). The calibration tomograms (other seeds, the
+  training run's validation set) and the held-out tomograms (other seeds again) are segmented
+  in four U-Net variants (`UNET_VARIANTS`): probabilities averaged over the same four rotations
+  or one orientation, times voxels labelled by their most probable class or as particle when
+  the particle classes together reach 0.5 (`localize.label_voxels`). The label maps are clustered
+  by mean-shift (each class on its own, bandwidth = the equivalent-sphere radius of its template;
+  clusters merged when a centre lies within half a larger cluster's class radius, so one
+  particle with mixed labels is one detection) and scored with `evaluate_detections` (match
+  distance = the median of those radii). Template matching (masked NCC over a coarse rotation
+  grid, templates at the dataset's voxel size, missing wedge of the tilt range, each class's map
+  standardised before the classes compete for voxels) runs on the same tomograms. Every
+  threshold (U-Net: smallest cluster per class; template matching: score per class) is chosen
+  on the calibration tomograms, counts pooled, to maximise that class's F1 there (the per-class
+  table); a second set, chosen there for the best overall localization F1, gives the overall
+  localization score. The primary U-Net is the variant with the best localization F1 on the
+  calibration tomograms. The held-out tomograms are never used to choose anything.
 - speed: the published network (widths (32, 48, 64), 13 classes) on one 128^3 block (median of
   3 calls after a warm-up), and training steps at batch 25 x 56^3 with the default micro-batching
   (median of 3 steps after the first), each in a child process whose peak memory is its own.
@@ -27,6 +30,7 @@ Three parts (`--parts`, default all three):
     python benchmarks/bench_segmentation.py                    # all parts, results/segmentation.json
     python benchmarks/bench_segmentation.py --parts accuracy   # results/segmentation_partial.json
     python benchmarks/bench_segmentation.py --quick            # tiny sizes, results/segmentation_quick.json
+    python benchmarks/bench_segmentation.py --workdir runs/seg # keep (and reuse) the training run
 """
 
 from __future__ import annotations
@@ -65,10 +69,14 @@ PARTS = ("accuracy", "speed", "whole")
 # at 3000 constant-rate steps the validation loss was still falling (0.963 at step 2000, 0.941 at
 # 3000). At step 5000 the final drop gave validation loss 0.836 and mean particle Dice 0.42 where
 # the constant rate gave 0.849 and 0.40 (constant to step 7000: loss 0.83-0.88, Dice 0.36-0.44).
+# Twenty training tomograms (200 particles per class), where ten gave training loss 0.66 against
+# validation 0.72 at step 5000: more particles at no cost per step. Three calibration tomograms:
+# thresholds set on one moved held-out F1 by 0.03-0.05.
 ACCURACY = {
     "full": {
         "classes": ("3qm1", "1s3x", "3gl1", "3h84", "2cg9", "3d2f", "1bxn", "4cr2"),
-        "shape": (64, 128, 128), "n_particles": 80, "n_train": 10, "n_test": 2,
+        "shape": (64, 128, 128), "n_particles": 80, "n_train": 20, "n_calibration": 3,
+        "n_test": 3,
         "train": {"widths": (16, 24, 32), "patch_size": 32, "batch_size": 8, "max_shift": 10,
                   "steps": 5000, "learning_rate": 1e-3,
                   "learning_rate_schedule": "constant-then-decay", "loss": "dice+ce",
@@ -77,12 +85,23 @@ ACCURACY = {
     },
     "quick": {
         "classes": ("1s3x", "1bxn"),
-        "shape": (32, 64, 64), "n_particles": 12, "n_train": 1, "n_test": 2,
+        "shape": (32, 64, 64), "n_particles": 12, "n_train": 1, "n_calibration": 1,
+        "n_test": 2,
         "train": {"widths": (8, 8, 8), "patch_size": 16, "batch_size": 2, "max_shift": 4,
                   "steps": 3, "learning_rate": 1e-3, "validate_every": 3, "validation_size": 2},
         "inference_patch": 32, "tm_angular_step_deg": 90.0, "tm_top_k": 10,
     },
 }  # fmt: skip
+# The U-Net variants scored: name -> (probabilities averaged over the four wedge-preserving
+# rotations, foreground threshold of `localize.label_voxels`: None labels each voxel with its most
+# probable class). The one with the best localization F1 on the calibration tomograms is the
+# primary method.
+UNET_VARIANTS = {
+    "unet_averaged_foreground": (True, 0.5),
+    "unet_averaged_argmax": (True, None),
+    "unet_one_orientation_foreground": (False, 0.5),
+    "unet_one_orientation_argmax": (False, None),
+}
 # Seeds of the simulated tomograms: training ones, the calibration (validation) one, held-out ones.
 TRAIN_SEED, TEST_SEED = 0, 100
 SNR, TILT_MIN, TILT_MAX, TILT_STEP = 0.1, -60.0, 60.0, 2.0
@@ -143,8 +162,19 @@ def apply_thresholds(detections, values, thresholds: dict):
     return subset(detections.particles, keep)
 
 
-def calibrate_thresholds(detections, values, truth, max_distance: float) -> dict:
-    """Per class, the threshold on `values` that maximises the class's F1 on this tomogram.
+def pooled_f1(evaluations, k: int | None = None) -> float:
+    """F1 from the counts summed over several tomograms' evaluations: class k's (0-based) or,
+    for None, the localization's (classes ignored); 0 where nothing was predicted or true."""
+    if k is None:
+        tp, fp, fn = (sum(e.localization[a] for e in evaluations) for a in ("tp", "fp", "fn"))
+    else:
+        tp, fp, fn = (sum(int(getattr(e, a)[k]) for e in evaluations) for a in ("tp", "fp", "fn"))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def calibrate_thresholds(found, values, truths, max_distance: float) -> dict:
+    """Per class, the threshold on `values` that maximises the class's F1 pooled over the
+    calibration tomograms (`found`, `values`, `truths`: one entry per tomogram).
 
     Each class is scored alone (its detections only) against the whole truth; candidates are the
     class's own values (keeping everything from that value up). Ties go to the lower threshold.
@@ -154,48 +184,53 @@ def calibrate_thresholds(detections, values, truth, max_distance: float) -> dict
     from cryojax_mw import localize
 
     out = {}
-    names = detections.particles.class_names
+    names = found[0].particles.class_names
     for k, name in enumerate(names, start=1):
-        mine = detections.particles.class_ids == k
-        candidates = np.unique(values[mine])
+        mine = [f.particles.class_ids == k for f in found]
+        own = np.concatenate([v[m] for v, m in zip(values, mine)])
+        candidates = np.unique(own)
         if candidates.size > 200:
-            candidates = np.unique(np.quantile(values[mine], np.linspace(0, 1, 200)))
-        best = (-1.0, math.inf)
+            candidates = np.unique(np.quantile(own, np.linspace(0, 1, 200)))
+        best = (0.0, math.inf)  # no detection of this class: keep none (F1 0 there)
         for t in candidates:
-            pred = subset(detections.particles, mine & (values >= t))
-            f1 = localize.evaluate_detections(pred, truth, max_distance=max_distance).f1[k - 1]
-            f1 = 0.0 if not np.isfinite(f1) else float(f1)
-            if f1 > best[0]:
+            evaluations = [
+                localize.evaluate_detections(subset(f.particles, m & (v >= t)), truth,
+                                             max_distance=max_distance)
+                for f, v, m, truth in zip(found, values, mine, truths)
+            ]  # fmt: skip
+            f1 = pooled_f1(evaluations, k - 1)
+            if f1 > best[0] or best[1] == math.inf:
                 best = (f1, float(t))
-        if not candidates.size:  # no detection of this class: keep none (F1 0 there)
-            best = (0.0, math.inf)
         out[name] = {"threshold": best[1], "calibration_f1": best[0]}
     return out
 
 
-def calibrate_localization_thresholds(
-    detections, values, truth, max_distance: float, start: dict
-) -> dict:
+def calibrate_localization_thresholds(found, values, truths, max_distance: float, start: dict):
     """Per-class thresholds on `values` that maximise the overall localization F1 (class
-    ignored) on this tomogram: from `start`, each class's threshold in turn is set to its best
-    value (candidates: the class's values, or keeping none) with the others fixed; two sweeps."""
+    ignored) pooled over the calibration tomograms: from `start`, each class's threshold in turn
+    is set to its best value (candidates: the class's values, or keeping none) with the others
+    fixed; two sweeps. Returns (thresholds, that F1)."""
     import numpy as np
 
     from cryojax_mw import localize
 
-    thresholds = dict(start)
-    ids = detections.particles.class_ids
+    thresholds, best_f1 = dict(start), -1.0
+    names = found[0].particles.class_names
     for _ in range(2):
-        for k, name in enumerate(detections.particles.class_names, start=1):
+        for k, name in enumerate(names, start=1):
+            own = np.concatenate([v[f.particles.class_ids == k] for f, v in zip(found, values)])
             best = (-1.0, thresholds[name])
-            for t in np.unique(np.append(values[ids == k], np.inf)):
-                pred = apply_thresholds(detections, values, {**thresholds, name: float(t)})
-                f1 = localize.evaluate_detections(pred, truth, max_distance=max_distance)
-                f1 = float(np.nan_to_num(f1.localization["f1"]))
+            for t in np.unique(np.append(own, np.inf)):
+                trial = {**thresholds, name: float(t)}
+                f1 = pooled_f1([
+                    localize.evaluate_detections(apply_thresholds(f, v, trial), truth,
+                                                 max_distance=max_distance)
+                    for f, v, truth in zip(found, values, truths)
+                ])  # fmt: skip
                 if f1 > best[0]:
                     best = (f1, float(t))
-            thresholds[name] = best[1]
-    return thresholds
+            thresholds[name], best_f1 = best[1], best[0]
+    return thresholds, best_f1
 
 
 def scores_from_counts(tp: int, fp: int, fn: int) -> dict:
@@ -220,144 +255,183 @@ def pooled_scores(evaluations, classes) -> dict:
     return {"per_class": per_class, **overall, "confusion": confusion}
 
 
-def run_accuracy(case: str, workdir: Path) -> dict:
-    """Simulate, train, segment, cluster, match templates, calibrate and score."""
+def simulate_accuracy_sets(case: str):
+    """The accuracy part's simulation settings and tomograms: {role: [Simulation]} for the
+    training, calibration and held-out (test) seeds."""
     import jax
-    import numpy as np
 
-    from cryojax_mw import localize, nn, simulate
+    from cryojax_mw import simulate
 
     spec = ACCURACY[case]
-    classes = spec["classes"]
     sim_config = simulate.SimulationConfig(
-        shape=spec["shape"], classes=classes, n_particles=spec["n_particles"], occupancy=None,
-        snr=SNR, tilt_min=TILT_MIN, tilt_max=TILT_MAX, tilt_step=TILT_STEP,
+        shape=spec["shape"], classes=spec["classes"], n_particles=spec["n_particles"],
+        occupancy=None, snr=SNR, tilt_min=TILT_MIN, tilt_max=TILT_MAX, tilt_step=TILT_STEP,
     )  # fmt: skip
-    voxel_size = sim_config.voxel_size
-    templates = {t.name: t for t in sim_config.load_templates()}
-    radii = {n: equivalent_radius(templates[n].n_mask_voxels) for n in classes}
-    radius = float(np.median(list(radii.values())))
-    timings = {}
-
-    tic = time.perf_counter()
+    calibration_start = TRAIN_SEED + spec["n_train"]
     seeds = {"train": [TRAIN_SEED + i for i in range(spec["n_train"])],
-             "calibration": [TRAIN_SEED + spec["n_train"]],
+             "calibration": [calibration_start + i for i in range(spec["n_calibration"])],
              "test": [TEST_SEED + i for i in range(spec["n_test"])]}  # fmt: skip
-    sims = {}
-    for role, role_seeds in seeds.items():
-        sims[role] = [simulate.simulate_tomogram(jax.random.key(s), sim_config, name=f"{role}_{s}")
-                      for s in role_seeds]  # fmt: skip
-    timings["simulate_s"] = time.perf_counter() - tic
-    log(f"simulated {sum(map(len, sims.values()))} tomograms in {timings['simulate_s']:.0f} s")
+    sims = {role: [simulate.simulate_tomogram(jax.random.key(s), sim_config, name=f"{role}_{s}")
+                   for s in role_seeds]
+            for role, role_seeds in seeds.items()}  # fmt: skip
+    return sim_config, seeds, sims
+
+
+def train_accuracy_model(case: str, sim_config, sims, folder: Path):
+    """The accuracy part's U-Net trained in `folder` (validation: the calibration tomograms). A
+    finished run of the same settings already there is loaded instead of trained again (the
+    same seed gives the same weights); its training time is in its history."""
+    from cryojax_mw import nn
 
     def labelled(sim):
         return nn.LabelledTomogram(sim.tomogram, sim.labels, sim.particles, sim.particles.tomo_name)
 
-    train_config = nn.TrainConfig(**spec["train"], checkpoint_every=10**6, seed=0)
-    tic = time.perf_counter()
+    config = nn.TrainConfig(**ACCURACY[case]["train"], checkpoint_every=500, seed=0)
     segmenter = nn.train_segmenter(
-        train_config, [labelled(s) for s in sims["train"]], [labelled(s) for s in sims["calibration"]],
-        workdir / "model", label_names=sim_config.label_names, progress=False, resume=False,
+        config, [labelled(s) for s in sims["train"]], [labelled(s) for s in sims["calibration"]],
+        folder, label_names=sim_config.label_names, progress=False, resume=True,
     )  # fmt: skip
-    timings["train_s"] = time.perf_counter() - tic
-    history = json.loads((workdir / "model" / "history.json").read_text())
-    step_s = history["seconds"][1:] or history["seconds"]
-    log(f"trained {train_config.steps} steps in {timings['train_s']:.0f} s")
+    return config, segmenter, json.loads((Path(folder) / "history.json").read_text())
 
-    def unet_detections(sim, average_rotations: bool):
+
+def run_accuracy(case: str, workdir: Path) -> dict:
+    """Simulate, train (or reuse the run in `workdir`), segment, cluster, match templates,
+    calibrate and score."""
+    import jax
+    import numpy as np
+
+    from cryojax_mw import localize
+
+    spec = ACCURACY[case]
+    classes = spec["classes"]
+    tic = time.perf_counter()
+    sim_config, seeds, sims = simulate_accuracy_sets(case)
+    timings = {"simulate_s": time.perf_counter() - tic}
+    log(f"simulated {sum(map(len, sims.values()))} tomograms in {timings['simulate_s']:.0f} s")
+    voxel_size = sim_config.voxel_size
+    templates = {t.name: t for t in sim_config.load_templates()}
+    radii = {n: equivalent_radius(templates[n].n_mask_voxels) for n in classes}
+    radius = float(np.median(list(radii.values())))
+
+    tic = time.perf_counter()
+    train_config, segmenter, history = train_accuracy_model(case, sim_config, sims, workdir)
+    timings["train_call_s"] = time.perf_counter() - tic
+    step_s = history["seconds"][1:] or history["seconds"]
+    log(f"{train_config.steps} training steps: {sum(history['seconds']):.0f} s of steps, "
+        f"{timings['train_call_s']:.0f} s in this call")  # fmt: skip
+
+    def unet_detections(sims_, average_rotations: bool) -> dict:
+        """{variant: Detections} of each U-Net variant of this inference (UNET_VARIANTS) on each
+        tomogram; the probabilities are computed once and labelled both ways."""
         predict = functools.partial(segmenter.predict_proba, average_rotations=average_rotations)
-        seg = localize.segment_tomogram(
-            predict, sim.tomogram, patch_size=spec["inference_patch"],
-            n_classes=segmenter.n_classes, probabilities=None, progress=False,
-        )  # fmt: skip
-        return localize.cluster_mean_shift(
-            seg.label_map, bandwidth=radii, class_names=segmenter.class_names[1:],
-            voxel_size=voxel_size, scores=seg.max_probability, classes=classes,
-            tomo_name=sim.particles.tomo_name,
-        )  # fmt: skip
+        out = {}
+        for sim in sims_:
+            seg = localize.segment_tomogram(
+                predict, sim.tomogram, patch_size=spec["inference_patch"],
+                n_classes=segmenter.n_classes, progress=False,
+            )  # fmt: skip
+            for variant, (averaged, foreground) in UNET_VARIANTS.items():
+                if averaged != average_rotations:
+                    continue
+                labels, best = jax.device_get(localize.label_voxels(seg.probabilities, foreground))
+                out.setdefault(variant, []).append(localize.cluster_mean_shift(
+                    labels, bandwidth=radii, class_names=segmenter.class_names[1:],
+                    voxel_size=voxel_size, scores=best, classes=classes,
+                    tomo_name=sim.particles.tomo_name,
+                ))  # fmt: skip
+        return out
 
     grid = localize.rotation_grid(spec["tm_angular_step_deg"])
 
-    def tm_detections(sim):
-        matches = {
-            n: localize.match_template(
-                sim.tomogram, templates[n].density, templates[n].mask, angles_deg=grid,
-                wedge=(TILT_MIN, TILT_MAX), progress=False,
-            )
-            for n in classes
-        }  # fmt: skip
-        # Raw NCC of small templates outscores large ones on noise; z-scores of each map compete.
-        return localize.pick_peaks(
-            {n: m.standardized() for n, m in matches.items()}, voxel_size=voxel_size,
-            min_distance=radii, top_k=spec["tm_top_k"], class_names=classes,
-            tomo_name=sim.particles.tomo_name,
+    def tm_detections(sims_) -> dict:
+        out = []
+        for sim in sims_:
+            matches = {
+                n: localize.match_template(
+                    sim.tomogram, templates[n].density, templates[n].mask, angles_deg=grid,
+                    wedge=(TILT_MIN, TILT_MAX), progress=False,
+                )
+                for n in classes
+            }  # fmt: skip
+            # Raw NCC of small templates outscores large ones on noise; z-scores of each map
+            # compete.
+            out.append(localize.pick_peaks(
+                {n: m.standardized() for n, m in matches.items()}, voxel_size=voxel_size,
+                min_distance=radii, top_k=spec["tm_top_k"], class_names=classes,
+                tomo_name=sim.particles.tomo_name,
+            ))  # fmt: skip
+        return {"template_matching": out}
+
+    # Every method's detections on every calibration and held-out tomogram (the thresholds come
+    # after, from the calibration ones only), and the value its thresholds apply to.
+    detectors = [functools.partial(unet_detections, average_rotations=True),
+                 functools.partial(unet_detections, average_rotations=False), tm_detections]
+    found = {"calibration": {}, "test": {}}
+    for detect in detectors:
+        for role in found:
+            tic = time.perf_counter()
+            for method, detections in detect(sims[role]).items():
+                found[role][method] = detections
+                timings[f"{method}_{role}_s"] = time.perf_counter() - tic
+    methods = list(found["calibration"])
+    value_of = {m: (lambda f: f.scores) if m == "template_matching" else (lambda f: f.sizes)
+                for m in methods}  # fmt: skip
+
+    truths = [s.particles for s in sims["calibration"]]
+    thresholds, calibration_f1 = {}, {}
+    tic = time.perf_counter()
+    for m in methods:
+        dets = found["calibration"][m]
+        values = [value_of[m](f) for f in dets]
+        per_class = calibrate_thresholds(dets, values, truths, radius)
+        loc, calibration_f1[m] = calibrate_localization_thresholds(
+            dets, values, truths, radius, {n: v["threshold"] for n, v in per_class.items()}
         )  # fmt: skip
+        thresholds[m] = (per_class, loc)
+    timings["calibrate_thresholds_s"] = time.perf_counter() - tic
+    # The primary U-Net: the variant with the best localization F1 on the calibration tomograms
+    # (at its own calibrated thresholds); the held-out tomograms choose nothing.
+    unet_methods = [m for m in methods if m in UNET_VARIANTS]
+    primary = max(unet_methods, key=lambda m: calibration_f1[m])
+    log(f"calibrated on {len(truths)} tomograms ({timings['calibrate_thresholds_s']:.0f} s); "
+        "localization F1 there: " + ", ".join(f"{m} {calibration_f1[m]:.3f}" for m in methods)
+        + f"; primary U-Net: {primary}")  # fmt: skip
 
-    (calib,) = sims["calibration"]
-
-    def calibrate(found, values):
-        per_class = calibrate_thresholds(found, values, calib.particles, radius)
-        localization = calibrate_localization_thresholds(
-            found, values, calib.particles, radius,
-            {n: v["threshold"] for n, v in per_class.items()},
-        )  # fmt: skip
-        return per_class, localization
-
-    # method -> how it detects and which value its thresholds apply to. "unet" averages the
-    # predictions over the four wedge-preserving rotations; "unet_one_orientation" is the same
-    # network on the tomogram as it is (the ablation).
-    methods = {
-        "unet": (lambda sim: unet_detections(sim, True), lambda f: f.sizes),
-        "unet_one_orientation": (lambda sim: unet_detections(sim, False), lambda f: f.sizes),
-        "template_matching": (tm_detections, lambda f: f.scores),
-    }  # fmt: skip
-    thresholds = {}
-    for method, (detect, values) in methods.items():
-        tic = time.perf_counter()
-        found = detect(calib)
-        thresholds[method] = calibrate(found, values(found))
-        timings[f"{method}_calibration_s"] = time.perf_counter() - tic
-    log(f"calibrated on {calib.particles.tomo_name}: " + ", ".join(
-        f"{m} {timings[f'{m}_calibration_s']:.0f} s" for m in methods))  # fmt: skip
-
-    # Two operating points, each chosen on the calibration tomogram for the score it reports:
+    # Two operating points, each chosen on the calibration tomograms for the score it reports:
     # per-class F1 (the per-class table) and overall localization F1.
     evaluations = {m: [] for m in methods}
     localization_evaluations = {m: [] for m in methods}
     per_tomogram = []
-    for method in methods:
-        timings[f"{method}_test_s"] = 0.0
-    for sim in sims["test"]:
+    for i, sim in enumerate(sims["test"]):
         row = {"tomogram": sim.particles.tomo_name, "n_true": len(sim.particles)}
-        for method, (detect, values) in methods.items():
-            tic = time.perf_counter()
-            found = detect(sim)
-            timings[f"{method}_test_s"] += time.perf_counter() - tic
-            per_class, loc = thresholds[method]
+        for m in methods:
+            f = found["test"][m][i]
+            per_class, loc = thresholds[m]
             pred = apply_thresholds(
-                found, values(found), {n: v["threshold"] for n, v in per_class.items()}
+                f, value_of[m](f), {n: v["threshold"] for n, v in per_class.items()}
             )
             ev = localize.evaluate_detections(pred, sim.particles, max_distance=radius)
-            evaluations[method].append(ev)
-            loc_pred = apply_thresholds(found, values(found), loc)
+            evaluations[m].append(ev)
+            loc_pred = apply_thresholds(f, value_of[m](f), loc)
             loc_ev = localize.evaluate_detections(loc_pred, sim.particles, max_distance=radius)
-            localization_evaluations[method].append(loc_ev)
-            row[method] = {"n_predicted": len(pred), "localization_f1": ev.localization["f1"],
-                           "classification_f1": ev.classification["f1"],
-                           "mean_distance_voxels": ev.mean_distance,
-                           "localization_point_f1": loc_ev.localization["f1"]}  # fmt: skip
+            localization_evaluations[m].append(loc_ev)
+            row[m] = {"n_predicted": len(pred), "localization_f1": ev.localization["f1"],
+                      "classification_f1": ev.classification["f1"],
+                      "mean_distance_voxels": ev.mean_distance,
+                      "localization_point_f1": loc_ev.localization["f1"]}  # fmt: skip
         per_tomogram.append(row)
         log(f"scored {row['tomogram']}: loc. F1 " + ", ".join(
-            f"{m} {row[m]['localization_f1']:.3f}" for m in methods))  # fmt: skip
+            f"{m} {row[m]['localization_point_f1']:.3f}" for m in methods))  # fmt: skip
 
     results = {m: pooled_scores(evs, classes) for m, evs in evaluations.items()}
     for m, evs in localization_evaluations.items():
         results[m]["localization_operating_point"] = pooled_scores(evs, classes)["localization"]
-    unet_f1 = [results["unet"]["per_class"][n]["f1"] for n in classes]
+        results[m]["calibration_localization_f1"] = calibration_f1[m]
+    unet_f1 = [results[primary]["per_class"][n]["f1"] for n in classes]
     tm_f1 = [results["template_matching"]["per_class"][n]["f1"] for n in classes]
     ahead = [n for n, u, t in zip(classes, unet_f1, tm_f1)
              if (0.0 if math.isnan(u) else u) > (0.0 if math.isnan(t) else t)]  # fmt: skip
-    loc_f1 = results["unet"]["localization_operating_point"]["f1"]
+    loc_f1 = results[primary]["localization_operating_point"]["f1"]
     return {
         "case": case,
         "simulation": {**sim_config.to_json(), "seeds": seeds,
@@ -365,7 +439,7 @@ def run_accuracy(case: str, workdir: Path) -> dict:
                        "measured_snr": [s.acquisition.measured_snr
                                         for role in sims.values() for s in role]},  # fmt: skip
         "training": {"config": train_config.to_json(), "steps": train_config.steps,
-                     "wall_s": timings["train_s"], "median_step_s": float(np.median(step_s)),
+                     "steps_s": sum(history["seconds"]), "median_step_s": float(np.median(step_s)),
                      "final_train_loss": history["loss"][-1],
                      "validation": history["validation"]},  # fmt: skip
         "settings": {
@@ -373,16 +447,12 @@ def run_accuracy(case: str, workdir: Path) -> dict:
             "match_distance_voxels": radius, "inference_patch": spec["inference_patch"],
             "tm_rotations": len(grid), "tm_angular_step_deg": spec["tm_angular_step_deg"],
             "tm_wedge_deg": [TILT_MIN, TILT_MAX], "tm_top_k": spec["tm_top_k"],
-            "calibration_tomogram": calib.particles.tomo_name,
-            "unet_average_rotations": True,
-            "unet_min_cluster_size": thresholds["unet"][0],
-            "unet_one_orientation_min_cluster_size": thresholds["unet_one_orientation"][0],
-            "tm_score_threshold": thresholds["template_matching"][0],
-            "localization_point": {
-                "unet_min_cluster_size": thresholds["unet"][1],
-                "unet_one_orientation_min_cluster_size": thresholds["unet_one_orientation"][1],
-                "tm_score_threshold": thresholds["template_matching"][1],
-            },
+            "calibration_tomograms": [t.tomo_name for t in truths],
+            "unet_variants": {m: {"average_rotations": a, "foreground_threshold": t}
+                              for m, (a, t) in UNET_VARIANTS.items()},
+            "unet_primary": primary,
+            "per_class_thresholds": {m: thresholds[m][0] for m in methods},
+            "localization_thresholds": {m: thresholds[m][1] for m in methods},
         },
         "timings_s": timings,
         "results": results,
@@ -536,62 +606,67 @@ def render(report: dict) -> str:
     acc = report.get("accuracy")
     if acc:
         sim, tr, st = acc["simulation"], acc["training"], acc["settings"]
-        cfg = tr["config"]
+        cfg, res, primary = tr["config"], acc["results"], st["unet_primary"]
         lines.append(
             f"\n**Accuracy** ({len(sim['classes'])} classes, {'x'.join(map(str, sim['shape']))} "
             f"voxels at {sim['voxel_size']} Å, {sim['n_particles']} particles per tomogram, SNR "
             f"{sim['snr']}, tilts {sim['tilt_min']:g}..{sim['tilt_max']:g} by {sim['tilt_step']:g}; "
             f"{len(sim['seeds']['train'])} training tomograms, calibration on "
-            f"`{st['calibration_tomogram']}` (the training run's validation tomogram), "
+            f"{len(st['calibration_tomograms'])} other tomograms (seeds "
+            f"{sim['seeds']['calibration']}, the training run's validation set), "
             f"{len(sim['seeds']['test'])} held-out tomograms (seeds {sim['seeds']['test']}), "
             f"scores pooled over them). U-Net: widths {tuple(cfg['widths'])}, patch "
             f"{cfg['patch_size']}^3, batch {cfg['batch_size']}, {tr['steps']} Adam steps "
             f"(lr {cfg['learning_rate']:g}, schedule {cfg['learning_rate_schedule']}, loss "
             f"{cfg['loss']}{', 180 deg turns about z and y' if cfg.get('augment_turn') else ''}) "
-            f"in {tr['wall_s']:.0f} s ({tr['median_step_s']:.2f} s/step); inference windows "
-            f"{st['inference_patch']}^3"
-            f"{', probabilities averaged over the 4 wedge-preserving rotations' if st.get('unet_average_rotations') else ''}; "
-            f"mean-shift on each class with its radius (the equivalent-sphere radius of its "
+            f"taking {tr['steps_s']:.0f} s of training steps ({tr['median_step_s']:.2f} s/step, "
+            f"validation not counted); inference windows {st['inference_patch']}^3. "
+            f"Mean-shift on each class with its radius (the equivalent-sphere radius of its "
             f"template, table below); match distance {st['match_distance_voxels']:.2f} voxels "
             f"(the median radius). Template matching: "
             f"masked NCC, {st['tm_rotations']} rotations ({st['tm_angular_step_deg']:g} deg grid), "
             f"missing wedge {st['tm_wedge_deg'][0]:g}..{st['tm_wedge_deg'][1]:g} deg, templates "
             f"at {sim['voxel_size']} Å, peaks at least a class radius apart, at most "
             f"{st['tm_top_k']} per class. Thresholds (U-Net smallest cluster, TM score) chosen "
-            f"per class for the best F1 on the calibration tomogram only; 'none kept': the "
-            f"method found no particle of that class there, so it keeps none. The last row "
-            f"uses a second set of thresholds, chosen on the same calibration tomogram for the "
-            f"best overall localization F1 (class ignored)."
+            f"per class for the best F1 on the calibration tomograms only; 'none kept': the "
+            f"method found no particle of that class there, so it keeps none. The localization "
+            f"rows use a second set of thresholds, chosen on the same calibration tomograms for "
+            f"the best overall localization F1 (class ignored). The per-class columns are the "
+            f"primary U-Net, `{primary}`: of the variants below, the one with the best "
+            f"localization F1 on the calibration tomograms."
         )
         rows = []
         for name in sim["classes"]:
-            u = acc["results"]["unet"]["per_class"][name]
-            t = acc["results"]["template_matching"]["per_class"][name]
+            u = res[primary]["per_class"][name]
+            t = res["template_matching"]["per_class"][name]
             rows.append([name, f"{st['class_radius_voxels'][name]:.1f}",
                          u["tp"] + u["fn"], _f(u["precision"]), _f(u["recall"]), _f(u["f1"]),
-                         _threshold(st["unet_min_cluster_size"][name]["threshold"], ".0f"),
+                         _threshold(st["per_class_thresholds"][primary][name]["threshold"], ".0f"),
                          _f(t["precision"]), _f(t["recall"]), _f(t["f1"]),
-                         _threshold(st["tm_score_threshold"][name]["threshold"], ".3f")])  # fmt: skip
+                         _threshold(st["per_class_thresholds"]["template_matching"][name][
+                             "threshold"], ".3f")])  # fmt: skip
         for kind in ("localization", "classification"):
-            u, t = acc["results"]["unet"][kind], acc["results"]["template_matching"][kind]
-            rows.append([f"**all ({kind})**", None, u["tp"] + u["fn"], _f(u["precision"]),
-                         _f(u["recall"]), _f(u["f1"]), None, _f(t["precision"]),
-                         _f(t["recall"]), _f(t["f1"]), None])  # fmt: skip
-        u = acc["results"]["unet"]["localization_operating_point"]
-        t = acc["results"]["template_matching"]["localization_operating_point"]
-        rows.append(["**all (localization, thresholds for it)**", None, u["tp"] + u["fn"],
-                     _f(u["precision"]), _f(u["recall"]), _f(u["f1"]), None,
-                     _f(t["precision"]), _f(t["recall"]), _f(t["f1"]), None])  # fmt: skip
-        one = acc["results"].get("unet_one_orientation")
-        if one:
-            for label, u in (("per-class thresholds", one["localization"]),
-                             ("thresholds for it", one["localization_operating_point"])):
-                rows.append([f"all (localization, {label}), U-Net without rotation averaging",
-                             None, u["tp"] + u["fn"], _f(u["precision"]), _f(u["recall"]),
-                             _f(u["f1"]), None, None, None, None, None])  # fmt: skip
+            u, t = res[primary][kind], res["template_matching"][kind]
+            rows.append([f"**all ({kind}, per-class thresholds)**", None, u["tp"] + u["fn"],
+                         _f(u["precision"]), _f(u["recall"]), _f(u["f1"]), None,
+                         _f(t["precision"]), _f(t["recall"]), _f(t["f1"]), None])  # fmt: skip
         lines.append("\n" + markdown_table(
             ["class", "radius (vox)", "true", "U-Net P", "U-Net R", "U-Net F1",
              "min cluster", "TM P", "TM R", "TM F1", "TM threshold"], rows))  # fmt: skip
+        rows = []
+        for m in [*st["unet_variants"], "template_matching"]:
+            v = st["unet_variants"].get(m)
+            how = ("template matching" if v is None else
+                   ("4 rotations averaged" if v["average_rotations"] else "one orientation")
+                   + (", argmax labels" if v["foreground_threshold"] is None else
+                      f", particle when P(particle) >= {v['foreground_threshold']:g}"))
+            u = res[m]["localization_operating_point"]
+            rows.append([f"`{m}`{' (primary)' if m == primary else ''}", how,
+                         _f(res[m]["calibration_localization_f1"]), _f(u["precision"]),
+                         _f(u["recall"]), _f(u["f1"])])  # fmt: skip
+        lines.append("\nOverall localization (class ignored), thresholds chosen for it:\n\n"
+                     + markdown_table(["method", "labels", "calibration F1", "held-out P",
+                                       "held-out R", "held-out F1"], rows))  # fmt: skip
         tg = acc["targets"]
         ahead = tg["unet_ahead_on_every_class"]
         targets.append(["U-Net F1 above template matching on every class",
@@ -663,6 +738,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, a minute or two")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--workdir", type=Path,
+                   help="keep the accuracy part's training run in this folder: a finished run of "
+                        "the same settings there is reused, an interrupted one resumed "
+                        "[default: a temporary folder]")  # fmt: skip
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--case", choices=("full", "quick"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -675,8 +754,11 @@ def main(argv=None) -> int:
                           "load_average_start": os.getloadavg()[0]},
               "case": case, "parts": parts}  # fmt: skip
     if "accuracy" in parts:
-        with tempfile.TemporaryDirectory() as folder:
-            report["accuracy"] = run_accuracy(case, Path(folder))
+        if args.workdir:
+            report["accuracy"] = run_accuracy(case, args.workdir)
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                report["accuracy"] = run_accuracy(case, Path(folder))
     if "speed" in parts:
         log("speed: inference")
         report["speed"] = {"inference": in_child("inference", case)}

@@ -50,7 +50,7 @@ def test_calibration_drops_exactly_the_false_positives_below_the_true_ones():
     )
     values = np.array([9.0, 7.0, 3.0, 8.0, 4.0, 6.0])
     det = Detections(pred, sizes=np.ones(6, np.int64), scores=values)
-    out = bench.calibrate_thresholds(det, values, truth, max_distance=2.0)
+    out = bench.calibrate_thresholds([det], [values], [truth], max_distance=2.0)
     # a: threshold 7 keeps {9, 7, 8}: F1 = 2*2/(2*2+1) = 0.8; threshold 3 keeps 4 (F1 2/3),
     # threshold 8 keeps {9, 8} (F1 0.5), 9 keeps one hit (F1 2/3).
     assert out["a"] == {"threshold": 7.0, "calibration_f1": pytest.approx(0.8)}
@@ -58,6 +58,28 @@ def test_calibration_drops_exactly_the_false_positives_below_the_true_ones():
     assert out["b"] == {"threshold": 4.0, "calibration_f1": pytest.approx(2 / 3)}
     kept = bench.apply_thresholds(det, values, {n: v["threshold"] for n, v in out.items()})
     np.testing.assert_array_equal(np.sort(kept.positions[:, 0]), [5, 20, 40, 80, 100])
+
+
+def test_calibration_pools_the_counts_of_several_tomograms():
+    # Class a only. Tomogram 1: a hit of value 5 and a false positive of value 9; tomogram 2:
+    # three hits of values 1, 2, 3. Alone, tomogram 1 would pick 5 (F1 2/3 > 0 at 9) and
+    # tomogram 2 would pick 1; pooled, threshold 1 keeps all (tp 4, fp 1: F1 8/9), higher ones
+    # lose hits (2: F1 6/8, 3: 4/6 ...).
+    truth1 = _particles([1], [[5, 5, 5]])
+    truth2 = _particles([1, 1, 1], [[5, 5, 5], [20, 20, 20], [40, 40, 40]])
+    det1 = Detections(_particles([1, 1], [[5, 5, 5], [60, 60, 60]]), np.ones(2, np.int64),
+                      np.array([5.0, 9.0]))  # fmt: skip
+    det2 = Detections(_particles([1, 1, 1], [[5, 5, 5], [20, 20, 20], [40, 40, 40]]),
+                      np.ones(3, np.int64), np.array([1.0, 2.0, 3.0]))  # fmt: skip
+    found, values = [det1, det2], [det1.scores, det2.scores]
+    out = bench.calibrate_thresholds(found, values, [truth1, truth2], max_distance=2.0)
+    assert out["a"] == {"threshold": 1.0, "calibration_f1": pytest.approx(8 / 9)}
+    assert out["b"] == {"threshold": np.inf, "calibration_f1": 0.0}  # no detection of b
+    # Localization: the same optimum for a; b keeps nothing either way.
+    loc, f1 = bench.calibrate_localization_thresholds(
+        found, values, [truth1, truth2], 2.0, {"a": 9.0, "b": np.inf}
+    )
+    assert loc["a"] == 1.0 and f1 == pytest.approx(8 / 9)
 
 
 @pytest.mark.slow
@@ -71,8 +93,10 @@ def test_quick_run_writes_every_part_to_its_own_json(tmp_path):
     assert report["case"] == "quick" and report["parts"] == list(bench.PARTS)
     acc = report["accuracy"]
     n_true = sum(acc["simulation"]["particles_per_tomogram"])
-    for method in ("unet", "template_matching"):
-        loc = acc["results"][method]["localization"]
+    assert set(acc["results"]) == {*bench.UNET_VARIANTS, "template_matching"}
+    assert acc["settings"]["unet_primary"] in bench.UNET_VARIANTS
+    for method in acc["results"]:
+        loc = acc["results"][method]["localization_operating_point"]
         assert loc["tp"] + loc["fn"] == n_true
     assert report["speed"]["train"]["peak_rss_gb"] > 0
     assert report["whole"]["n_tiles"] > 0
