@@ -101,3 +101,14 @@ def test_quick_run_writes_every_part_to_its_own_json(tmp_path):
     assert report["speed"]["train"]["peak_rss_gb"] > 0
     assert report["whole"]["n_tiles"] > 0
     assert readme.read_text() == before  # only a complete full run rewrites the README
+
+
+def test_threshold_cross_validation_refuses_the_held_out_seeds(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "segmentation_threshold_cv", _BENCH / "segmentation_threshold_cv.py"
+    )
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+    with pytest.raises(SystemExit) as info:
+        cv.main(["--workdir", str(tmp_path), "--seeds", "20", str(bench.TEST_SEED)])
+    assert info.value.code == 2 and "held-out" in capsys.readouterr().err
