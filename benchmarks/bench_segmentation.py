@@ -294,10 +294,34 @@ def train_accuracy_model(case: str, sim_config, sims, folder: Path):
     return config, segmenter, json.loads((Path(folder) / "history.json").read_text())
 
 
+def unet_detections(
+    segmenter, sim, *, average_rotations: bool, foreground_thresholds, patch_size: int, radii,
+    classes,
+) -> list:
+    """The U-Net's `Detections` on one simulated tomogram for each foreground threshold of
+    `localize.label_voxels` (None: argmax labels): the probabilities are computed once and
+    labelled each way, then clustered by mean-shift, each class with its radius (`radii`)."""
+    import jax
+
+    from cryojax_mw import localize
+
+    predict = functools.partial(segmenter.predict_proba, average_rotations=average_rotations)
+    seg = localize.segment_tomogram(predict, sim.tomogram, patch_size=patch_size,
+                                    n_classes=segmenter.n_classes, progress=False)  # fmt: skip
+    out = []
+    for threshold in foreground_thresholds:
+        labels, best = jax.device_get(localize.label_voxels(seg.probabilities, threshold))
+        out.append(localize.cluster_mean_shift(
+            labels, bandwidth=radii, class_names=segmenter.class_names[1:],
+            voxel_size=sim.particles.voxel_size, scores=best, classes=classes,
+            tomo_name=sim.particles.tomo_name,
+        ))  # fmt: skip
+    return out
+
+
 def run_accuracy(case: str, workdir: Path) -> dict:
     """Simulate, train (or reuse the run in `workdir`), segment, cluster, match templates,
     calibrate and score."""
-    import jax
     import numpy as np
 
     from cryojax_mw import localize
@@ -320,26 +344,16 @@ def run_accuracy(case: str, workdir: Path) -> dict:
     log(f"{train_config.steps} training steps: {sum(history['seconds']):.0f} s of steps, "
         f"{timings['train_call_s']:.0f} s in this call")  # fmt: skip
 
-    def unet_detections(sims_, average_rotations: bool) -> dict:
-        """{variant: Detections} of each U-Net variant of this inference (UNET_VARIANTS) on each
-        tomogram; the probabilities are computed once and labelled both ways."""
-        predict = functools.partial(segmenter.predict_proba, average_rotations=average_rotations)
-        out = {}
-        for sim in sims_:
-            seg = localize.segment_tomogram(
-                predict, sim.tomogram, patch_size=spec["inference_patch"],
-                n_classes=segmenter.n_classes, progress=False,
-            )  # fmt: skip
-            for variant, (averaged, foreground) in UNET_VARIANTS.items():
-                if averaged != average_rotations:
-                    continue
-                labels, best = jax.device_get(localize.label_voxels(seg.probabilities, foreground))
-                out.setdefault(variant, []).append(localize.cluster_mean_shift(
-                    labels, bandwidth=radii, class_names=segmenter.class_names[1:],
-                    voxel_size=voxel_size, scores=best, classes=classes,
-                    tomo_name=sim.particles.tomo_name,
-                ))  # fmt: skip
-        return out
+    def unet_variants(sims_, average_rotations: bool) -> dict:
+        """{variant: [Detections per tomogram]} of the UNET_VARIANTS of this inference."""
+        variants = {v: t for v, (a, t) in UNET_VARIANTS.items() if a == average_rotations}
+        per_tomogram = [
+            unet_detections(segmenter, sim, average_rotations=average_rotations,
+                            foreground_thresholds=list(variants.values()),
+                            patch_size=spec["inference_patch"], radii=radii, classes=classes)
+            for sim in sims_
+        ]  # fmt: skip
+        return {v: [found[i] for found in per_tomogram] for i, v in enumerate(variants)}
 
     grid = localize.rotation_grid(spec["tm_angular_step_deg"])
 
@@ -364,8 +378,8 @@ def run_accuracy(case: str, workdir: Path) -> dict:
 
     # Every method's detections on every calibration and held-out tomogram (the thresholds come
     # after, from the calibration ones only), and the value its thresholds apply to.
-    detectors = [functools.partial(unet_detections, average_rotations=True),
-                 functools.partial(unet_detections, average_rotations=False), tm_detections]
+    detectors = [functools.partial(unet_variants, average_rotations=True),
+                 functools.partial(unet_variants, average_rotations=False), tm_detections]
     found = {"calibration": {}, "test": {}}
     for detect in detectors:
         for role in found:

@@ -17,7 +17,6 @@ localization F1); `relative`, one threshold on the cluster size over its templat
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -61,22 +60,14 @@ def main(argv=None) -> int:
     sims = [simulate.simulate_tomogram(jax.random.key(s), config, name=f"cv_{s}")
             for s in args.seeds]  # fmt: skip
     truths = [s.particles for s in sims]
-    predict = functools.partial(segmenter.predict_proba, average_rotations=True)
-
     tic = time.perf_counter()
-    found = {t: [] for t in FOREGROUND_THRESHOLDS}
-    for sim in sims:
-        seg = localize.segment_tomogram(
-            predict, sim.tomogram, patch_size=spec["inference_patch"],
-            n_classes=segmenter.n_classes, progress=False,
-        )  # fmt: skip
-        for t in FOREGROUND_THRESHOLDS:
-            labels, best = jax.device_get(localize.label_voxels(seg.probabilities, t))
-            found[t].append(localize.cluster_mean_shift(
-                labels, bandwidth=radii, class_names=segmenter.class_names[1:],
-                voxel_size=config.voxel_size, scores=best, classes=classes,
-                tomo_name=sim.particles.tomo_name,
-            ))  # fmt: skip
+    per_tomogram = [
+        bench.unet_detections(segmenter, sim, average_rotations=True,
+                              foreground_thresholds=FOREGROUND_THRESHOLDS,
+                              patch_size=spec["inference_patch"], radii=radii, classes=classes)
+        for sim in sims
+    ]  # fmt: skip
+    found = {t: [f[i] for f in per_tomogram] for i, t in enumerate(FOREGROUND_THRESHOLDS)}
     bench.log(f"segmented and clustered {len(sims)} tomograms in {time.perf_counter() - tic:.0f} s")
 
     def evaluate(f, values, thresholds, truth):
