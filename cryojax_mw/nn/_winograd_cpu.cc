@@ -206,6 +206,9 @@ constexpr int64_t kChannelChunk = 64;
 // where few tiles per row make short blocks costly).
 constexpr int64_t kBlockBytes = int64_t{2} << 20;
 constexpr int64_t kMaxTiles = 64;
+// Weight-gradient partial sums per thread of the pool (each alpha^3 Ci Co floats, 12 MB for the
+// published U-Net's first up-convolution): more groups balance the threads better, at that cost.
+constexpr int64_t kGroupsPerThread = 2;
 
 template <int K>
 struct Winograd;
@@ -562,8 +565,12 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int workers, F&& f) {
 }
 
 // Runs `fn` over every block of tiles: runs of up to nt_max consecutive tiles whose transformed
-// input and one chunk of products fill about kBlockBytes. `grads` (one per worker, allocated here
-// when `grad_size` > 0) receive weight-gradient sums.
+// input and one chunk of products fill about kBlockBytes. `grads` (allocated here when
+// `grad_size` > 0) receive weight-gradient sums, one per group of consecutive blocks: which
+// worker runs a group changes from call to call, but not what the group adds up nor the order in
+// which the caller adds the groups, so on one machine (the groups follow its thread count) the
+// gradient is the same every time; with one sum per worker it was not, and the same seed did not
+// give the same training run.
 void for_each_block(ffi::ThreadPool& pool, const Problem& p, int alpha, BlockFn fn,
                     std::vector<AlignedFloats>& grads, size_t grad_size) {
   const int64_t a3 = int64_t(alpha) * alpha * alpha;
@@ -571,16 +578,22 @@ void for_each_block(ffi::ThreadPool& pool, const Problem& p, int alpha, BlockFn 
   const int64_t tiles = p.g.batch * p.g.tiles[0] * p.g.tiles[1] * p.g.tiles[2];
   const int nt_max = static_cast<int>(std::clamp<int64_t>(kBlockBytes / per_tile, 1, kMaxTiles));
   const int64_t units = (tiles + nt_max - 1) / nt_max;
+  const int64_t groups =
+      grad_size ? std::min(units, kGroupsPerThread * std::max<int64_t>(pool.num_threads(), 1))
+                : units;
   const int workers =
-      static_cast<int>(std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(units, 1)));
+      static_cast<int>(std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(groups, 1)));
   std::vector<AlignedFloats> scratch(workers);
-  grads.resize(workers);
-  parallel_for(pool, units, workers, [&](int64_t unit, int id) {
+  grads.resize(grad_size ? groups : 0);
+  parallel_for(pool, groups, workers, [&](int64_t group, int id) {
     auto& s = scratch[id];
     if (s.empty()) s.allocate(size_t(per_tile / sizeof(float)) * nt_max);
-    if (grad_size && grads[id].empty()) grads[id].allocate(grad_size);
-    const Block b{unit * nt_max, static_cast<int>(std::min<int64_t>(nt_max, tiles - unit * nt_max))};
-    fn(p, b, s.data(), grad_size ? grads[id].data() : nullptr);
+    if (grad_size) grads[group].allocate(grad_size);
+    for (int64_t unit = group * units / groups; unit < (group + 1) * units / groups; ++unit) {
+      const Block b{unit * nt_max,
+                    static_cast<int>(std::min<int64_t>(nt_max, tiles - unit * nt_max))};
+      fn(p, b, s.data(), grad_size ? grads[group].data() : nullptr);
+    }
   });
 }
 
