@@ -124,7 +124,8 @@ def _relative_error(got, want):
     [
         ((32,), 32, 3, False, True, True, (2, 9, 10, 11)),  # partial tiles along every axis
         ((16, 32), 48, 3, False, True, True, (1, 8, 7, 6)),  # two parts: the U-Net's skips
-        ((1,), 32, 3, False, True, True, (1, 8, 8, 8)),  # one channel, padded to 16
+        ((1,), 32, 3, False, True, True, (1, 8, 8, 8)),  # one channel: its own convolution
+        ((1,), 16, 2, False, False, False, (2, 5, 6, 7)),
         ((16,), 13, 3, False, False, True, (1, 5, 6, 7)),  # outputs not a multiple of 16
         ((32,), 8 * 16, 2, True, True, True, (1, 5, 4, 6)),  # up-convolution
         ((16,), 8 * 32, 2, True, False, False, (2, 3, 4, 5)),
@@ -159,6 +160,21 @@ def test_cpu_kernels_match_the_float64_definition_in_value_and_gradients(
     assert _relative_error(got, want) < 1e-5
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         assert _relative_error(g, w) < 1e-5
+
+
+def test_cpu_kernels_give_the_same_weight_gradient_on_every_call():
+    """A gradient summed over about a hundred blocks of tiles: the threads share the blocks
+    differently from call to call, the sum must not change (with one partial sum per thread it
+    changed by about 1e-5 of its size, so the same seed did not give the same training run)."""
+    x = jnp.asarray(RNG.normal(size=(5, 40, 40, 40, 16)), jnp.float32)
+    kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 16, 32)) / 20, jnp.float32)
+    cotangent = jnp.asarray(RNG.normal(size=(5, 40, 40, 40, 32)), jnp.float32)
+    grad = jax.jit(
+        jax.grad(lambda k: (fused_conv([x], k, None, (1, 1), relu=True) * cotangent).sum())
+    )
+    first = np.asarray(grad(kernel))
+    for _ in range(4):
+        np.testing.assert_array_equal(np.asarray(grad(kernel)), first)
 
 
 def test_cpu_kernels_run_side_by_side_in_one_computation():

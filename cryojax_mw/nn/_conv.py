@@ -3,10 +3,12 @@
 On a CPU, float32 convolutions with 2^3 and 3^3 kernels run in the project's Winograd kernels
 (`_winograd_cpu.cc`, an XLA FFI extension compiled when the package is installed): F(4, k) along
 all three axes, each block of tiles transformed, multiplied and transformed back while it stays in
-the core's cache. Measured on 2 cores (float32, interleaved in one process): a 3^3 convolution
-32 -> 32 channels on 128^3 0.26 s against 1.3 s for the best XLA rewrite the project had (2D
-convolutions over the (y, x) planes with Winograd along z), 48 -> 48 on 64^3 0.054 s against
-0.25 s; XLA's own 3D convolution runs at about 35 GFLOP/s where its matmuls reach 175. The
+the core's cache; a single input channel (the first layer) is one fused loop of k^3 multiply-adds
+per output instead, its kernel gradient one matrix product. Measured on 2 cores (float32,
+interleaved in one process): a 3^3 convolution 32 -> 32 channels on 128^3 0.26 s against 1.3 s
+for the best XLA rewrite the project had (2D convolutions over the (y, x) planes with Winograd
+along z), 48 -> 48 on 64^3 0.054 s against 0.25 s; XLA's own 3D convolution runs at about
+35 GFLOP/s where its matmuls reach 175. The
 published network: a 128^3 block in 1.5-1.9 s against 5.5 s, a training step of 25 x 56^3 patches
 in 11.9-14.7 s against 39 s (runs of the same code on this VM vary that much; benchmarks/README.md).
 Everywhere else (GPU, TPU, float64, other kernel sizes, or an install without a C++ compiler)
@@ -196,9 +198,54 @@ def _pad_channels(a: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(a, widths)
 
 
+def _shifted_copies(x: jax.Array, k: int, padding: tuple[int, int]) -> jax.Array:
+    """(k^3, B, D, H, W): x (B, D, H, W) zero-padded and shifted by each kernel offset."""
+    padded = jnp.pad(x, [(0, 0), padding, padding, padding])
+    d, h, w = x.shape[1:]
+    return jnp.stack([padded[:, i : i + d, j : j + h, m : m + w]
+                      for i in range(k) for j in range(k) for m in range(k)])  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _single_channel_conv(x, kernel, bias, padding, relu):
+    return _single_channel_conv_fwd(x, kernel, bias, padding, relu)[0]
+
+
+def _single_channel_conv_fwd(x, kernel, bias, padding, relu):
+    # One fused loop of k^3 multiply-adds per output: padded to 16 channels for the extension,
+    # the first layer cost a 16 -> Co convolution.
+    k = kernel.shape[0]
+    taps = kernel.reshape(k**3, -1)
+    y = sum(s[..., None] * taps[t] for t, s in enumerate(_shifted_copies(x[..., 0], k, padding)))
+    if bias is not None:
+        y = y + bias
+    y = jax.nn.relu(y) if relu else y
+    return y, (x, kernel, y if relu else None, bias is not None)
+
+
+def _single_channel_conv_bwd(padding, relu, residuals, dy):
+    x, kernel, y, has_bias = residuals
+    k = kernel.shape[0]
+    dz = dy if y is None else jnp.where(y > 0, dy, 0.0)
+    # The kernel's gradient is one matrix product (k^3, voxels) x (voxels, Co); differentiating
+    # the fused sum instead reduces dz once per offset, ten times slower.
+    dkernel = jnp.einsum("tbdhw,bdhwo->to", _shifted_copies(x[..., 0], k, padding), dz)
+    # The input's gradient, the correlation of dz with the flipped kernel (compiled away where
+    # unused, as in the U-Net's training).
+    flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
+    dx = fused_conv([dz], flipped, None, (k - 1 - padding[0], k - 1 - padding[1]))
+    return dx, dkernel.reshape(kernel.shape), dz.sum(axis=(0, 1, 2, 3)) if has_bias else None
+
+
+_single_channel_conv.defvjp(_single_channel_conv_fwd, _single_channel_conv_bwd)
+
+
 def _on_extension(parts, kernel, bias, padding, relu, upsample):
-    """Pads channel counts to multiples of 16 for the extension (zeros in, sliced off after:
-    the first layer's single input channel, a width of 24) and calls it."""
+    """Pads channel counts to multiples of 16 for the extension (zeros in, sliced off after: a
+    width of 24) and calls it; a single input channel (the first layer) has its own fused
+    convolution."""
+    if len(parts) == 1 and parts[0].shape[4] == 1 and not upsample:
+        return _single_channel_conv(parts[0], kernel, bias, padding, relu)
     split = np.cumsum([x.shape[4] for x in parts])[:-1]
     rounded = [-(-x.shape[4] // _LANES) * _LANES for x in parts]
     kernel = jnp.concatenate([_pad_channels(kp, 3, n) for kp, n in
