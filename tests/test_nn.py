@@ -125,7 +125,7 @@ def _relative_error(got, want):
         ((32,), 32, 3, False, True, True, (2, 9, 10, 11)),  # partial tiles along every axis
         ((16, 32), 48, 3, False, True, True, (1, 8, 7, 6)),  # two parts: the U-Net's skips
         ((1,), 32, 3, False, True, True, (1, 8, 8, 8)),  # one channel: its own convolution
-        ((1,), 16, 2, False, False, False, (2, 5, 6, 7)),
+        ((1,), 16, 2, False, False, False, (2, 5, 6, 7)),  # the same for 2^3, no bias or ReLU
         ((16,), 13, 3, False, False, True, (1, 5, 6, 7)),  # outputs not a multiple of 16
         ((32,), 8 * 16, 2, True, True, True, (1, 5, 4, 6)),  # up-convolution
         ((16,), 8 * 32, 2, True, False, False, (2, 3, 4, 5)),

@@ -8,10 +8,9 @@ per output instead, its kernel gradient one matrix product. Measured on 2 cores 
 interleaved in one process): a 3^3 convolution 32 -> 32 channels on 128^3 0.26 s against 1.3 s
 for the best XLA rewrite the project had (2D convolutions over the (y, x) planes with Winograd
 along z), 48 -> 48 on 64^3 0.054 s against 0.25 s; XLA's own 3D convolution runs at about
-35 GFLOP/s where its matmuls reach 175. The
-published network: a 128^3 block in 1.5-2.0 s against 5.5 s, a training step of 25 x 56^3 patches
-in 11.9-14.7 s against 39 s (runs of the same code on this VM vary that much), 12.65 s with the
-first layer's own convolution (benchmarks/README.md).
+35 GFLOP/s where its matmuls reach 175. The published network: a 128^3 block in 1.5-2.0 s against
+5.5 s, a training step of 25 x 56^3 patches in 11.9-14.7 s against 39 s (runs of the same code on
+this VM vary that much), 12.65 s with the first layer's own convolution (benchmarks/README.md).
 Everywhere else (GPU, TPU, float64, other kernel sizes, or an install without a C++ compiler)
 `lax.conv_general_dilated` computes the same convolution.
 
