@@ -75,9 +75,7 @@ def main(argv=None) -> int:
         return localize.evaluate_detections(kept, truth, max_distance=radius)
 
     def fit_per_class(dets, values, truth):
-        per_class = bench.calibrate_thresholds(dets, values, truth, radius)
-        start = {n: v["threshold"] for n, v in per_class.items()}
-        return bench.calibrate_localization_thresholds(dets, values, truth, radius, start)[0]
+        return bench.fit_thresholds(dets, values, truth, radius)[1]
 
     def fit_relative(dets, values, truth):
         candidates = np.unique(np.quantile(np.concatenate(values), np.linspace(0, 1, 300)))

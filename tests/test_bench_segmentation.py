@@ -40,6 +40,14 @@ def test_equivalent_radius_is_the_radius_of_a_ball_of_that_volume():
     assert bench.equivalent_radius(round(4 / 3 * np.pi * 1000)) == pytest.approx(10.0, rel=1e-4)
 
 
+def test_candidate_thresholds_are_the_distinct_values_or_quantiles_spanning_them():
+    np.testing.assert_array_equal(bench.candidate_thresholds(np.array([3.0, 1.0, 3.0])), [1, 3])
+    many = np.random.default_rng(0).normal(size=1000)
+    out = bench.candidate_thresholds(many, at_most=50)
+    assert out.size <= 50 and np.all(np.diff(out) > 0)
+    assert out[0] == many.min() and out[-1] == many.max()  # keep-all and keep-the-top reachable
+
+
 def test_calibration_drops_exactly_the_false_positives_below_the_true_ones():
     truth = _particles([1, 1, 2], [[5, 5, 5], [20, 20, 20], [40, 40, 40]])
     # Class a: two hits with values 9 and 7, two far-away false positives with values 3 and 8;
@@ -82,6 +90,20 @@ def test_calibration_pools_the_counts_of_several_tomograms():
     assert loc["a"] == 1.0 and f1 == pytest.approx(8 / 9)
 
 
+def test_cross_validation_scores_each_fold_with_the_other_folds_thresholds():
+    # Tomogram A: a hit of value 5, a false positive of value 3; tomogram B: a hit of value 2.
+    # Fitted on B, the threshold 2 keeps A's false positive; fitted on A, 5 drops B's hit:
+    # pooled tp 1, fp 1, fn 1, F1 1/2, where one threshold for both (2) would score 4/5.
+    truth_a, truth_b = _particles([1], [[5, 5, 5]]), _particles([1], [[20, 20, 20]])
+    det_a = Detections(_particles([1, 1], [[5, 5, 5], [60, 60, 60]]), np.ones(2, np.int64),
+                       np.array([5.0, 3.0]))  # fmt: skip
+    det_b = Detections(_particles([1], [[20, 20, 20]]), np.ones(1, np.int64), np.array([2.0]))
+    found, values = [det_a, det_b], [det_a.scores, det_b.scores]
+    cv = bench.cross_validated_f1(found, values, [truth_a, truth_b], 2.0, n_folds=2)
+    assert cv == pytest.approx(0.5)
+    assert bench.fit_thresholds(found, values, [truth_a, truth_b], 2.0)[2] == pytest.approx(0.8)
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_part_to_its_own_json(tmp_path):
     readme = _BENCH / "README.md"
@@ -94,7 +116,9 @@ def test_quick_run_writes_every_part_to_its_own_json(tmp_path):
     acc = report["accuracy"]
     n_true = sum(acc["simulation"]["particles_per_tomogram"])
     assert set(acc["results"]) == {*bench.UNET_VARIANTS, "template_matching"}
-    assert acc["settings"]["unet_primary"] in bench.UNET_VARIANTS
+    primary = acc["settings"]["unet_primary"]
+    cv = {m: acc["results"][m]["calibration_cv_localization_f1"] for m in bench.UNET_VARIANTS}
+    assert cv[primary] == max(cv.values())  # chosen by cross-validated calibration F1
     for method in acc["results"]:
         loc = acc["results"][method]["localization_operating_point"]
         assert loc["tp"] + loc["fn"] == n_true
